@@ -1,0 +1,163 @@
+"""One edit: a frozen LoRA plus its routing keys, and its single-file safetensors form.
+
+An edit artifact is one `.safetensors` file: tensors `keys` ([num_keys, hidden], fp32) and
+`lora.{layer}.{module}.A` ([rank, in], fp32) / `.B` ([out, rank], fp32); the header's
+`__metadata__["sola_vllm.edit"]` holds the JSON metadata. The artifact is immutable: an
+edit's state (active / revoked) lives in the store's journal, not in the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+FORMAT = "sola-vllm-edit"
+FORMAT_VERSION = 1
+STATES = ("active", "revoked")
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+META_KEY = "sola_vllm.edit"
+
+
+class EditFormatError(ValueError):
+    """An edit artifact is malformed (bad header, shapes, dtypes, non-finite values...)."""
+
+
+def validate_id(edit_id: object) -> str:
+    if not isinstance(edit_id, str) or not _ID_RE.match(edit_id) or ".." in edit_id:
+        raise ValueError(f"edit id {edit_id!r} is invalid: use 1-128 characters from "
+                         "[A-Za-z0-9._-], starting with a letter or digit, without '..'")
+    return edit_id
+
+
+def new_id() -> str:
+    return f"e-{time.strftime('%Y%m%d-%H%M%S')}-{torch.randint(0, 16**6, (1,)).item():06x}"
+
+
+@dataclass
+class Edit:
+    id: str
+    prompts: list[str]
+    target: str
+    keys: torch.Tensor  # [num_keys, hidden] fp32: residual entering the key layer at the key token
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]]  # "{layer}.{module}" -> (A, B)
+    model_fingerprint: str
+    shape_fingerprint: str
+    arch: str
+    layers: list[int]
+    modules: list[str]
+    rank: int
+    scale: float
+    created: float = field(default_factory=time.time)
+    author: str = ""
+    note: str = ""
+    state: str = "active"
+    train_info: dict = field(default_factory=dict)  # steps, final loss, seconds...
+
+    def __post_init__(self) -> None:
+        validate_id(self.id)
+        if self.state not in STATES:
+            raise ValueError(f"edit state {self.state!r} is not one of {STATES}")
+        self.validate()
+
+    # --- validation -------------------------------------------------------------------------
+    def validate(self) -> None:
+        _require(isinstance(self.prompts, list) and self.prompts
+                 and all(isinstance(p, str) and p for p in self.prompts),
+                 f"edit {self.id}: prompts must be a non-empty list of non-empty strings")
+        _require(isinstance(self.target, str) and self.target.strip() != "",
+                 f"edit {self.id}: target must be a non-empty string")
+        _tensor_ok(self.keys, 2, f"edit {self.id}: keys")
+        _require(self.keys.shape[0] >= 1, f"edit {self.id}: keys must hold at least one key")
+        expected = {lora_name(layer, m) for layer in self.layers for m in self.modules}
+        _require(set(self.lora) == expected,
+                 f"edit {self.id}: LoRA modules {sorted(self.lora)} do not match its layer set "
+                 f"{sorted(expected)}")
+        for name, (a, b) in self.lora.items():
+            _tensor_ok(a, 2, f"edit {self.id}: {name}.A")
+            _tensor_ok(b, 2, f"edit {self.id}: {name}.B")
+            _require(a.shape[0] == self.rank and b.shape[1] == self.rank,
+                     f"edit {self.id}: {name} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
+                     f"expected rank {self.rank}")
+        _require(isinstance(self.rank, int) and self.rank > 0, f"edit {self.id}: bad rank")
+        _require(isinstance(self.scale, float | int) and math.isfinite(self.scale),
+                 f"edit {self.id}: bad scale {self.scale!r}")
+
+    # --- (de)serialization --------------------------------------------------------------------
+    def metadata(self) -> dict:
+        return {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "id": self.id,
+            "prompts": self.prompts, "target": self.target,
+            "model_fingerprint": self.model_fingerprint,
+            "shape_fingerprint": self.shape_fingerprint, "arch": self.arch,
+            "layers": self.layers, "modules": self.modules, "rank": self.rank,
+            "scale": self.scale, "created": self.created, "author": self.author,
+            "note": self.note, "train_info": self.train_info,
+        }
+
+    def to_bytes(self) -> bytes:
+        tensors = {"keys": self.keys.detach().float().contiguous()}
+        for name, (a, b) in sorted(self.lora.items()):
+            tensors[f"lora.{name}.A"] = a.detach().float().contiguous()
+            tensors[f"lora.{name}.B"] = b.detach().float().contiguous()
+        meta = json.dumps(self.metadata(), sort_keys=True, separators=(",", ":"))
+        return st_save(tensors, metadata={META_KEY: meta})
+
+    @classmethod
+    def from_bytes(cls, blob: bytes, state: str = "active") -> Edit:
+        try:
+            tensors = st_load(blob)
+            header_len = int.from_bytes(blob[:8], "little")
+            header = json.loads(blob[8:8 + header_len])
+            meta = json.loads(header["__metadata__"][META_KEY])
+        except Exception as exc:  # safetensors raises several types for garbage input
+            raise EditFormatError(f"not a sola-vllm edit artifact: {exc}") from exc
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise EditFormatError("not a sola-vllm edit artifact (missing format marker)")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise EditFormatError(f"unsupported edit format version {meta.get('format_version')}")
+        try:
+            lora = {}
+            for layer in meta["layers"]:
+                for module in meta["modules"]:
+                    name = lora_name(layer, module)
+                    lora[name] = (tensors[f"lora.{name}.A"], tensors[f"lora.{name}.B"])
+            fields = {k: meta[k] for k in ("id", "prompts", "target", "model_fingerprint",
+                                           "shape_fingerprint", "arch", "layers", "modules",
+                                           "rank", "scale", "created", "author", "note",
+                                           "train_info")}
+            return cls(keys=tensors["keys"], lora=lora, state=state, **fields)
+        except EditFormatError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EditFormatError(f"malformed edit artifact: {exc}") from exc
+
+    def summary(self) -> dict:
+        """JSON-friendly description without tensors (for `edit list/show`)."""
+        meta = self.metadata()
+        meta.update(state=self.state, num_keys=int(self.keys.shape[0]),
+                    key_dim=int(self.keys.shape[1]))
+        return meta
+
+
+def lora_name(layer: int, module: str) -> str:
+    return f"{layer}.{module}"
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise EditFormatError(message)
+
+
+def _tensor_ok(t: object, ndim: int, what: str) -> None:
+    _require(isinstance(t, torch.Tensor), f"{what} is not a tensor")
+    _require(t.dtype == torch.float32, f"{what} has dtype {t.dtype}, expected float32")
+    _require(t.ndim == ndim, f"{what} has shape {tuple(t.shape)}, expected {ndim} dimensions")
+    _require(t.numel() > 0, f"{what} is empty")
+    _require(bool(torch.isfinite(t).all()), f"{what} holds NaN or Inf values")
