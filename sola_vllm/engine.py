@@ -1,0 +1,261 @@
+"""The reference routed engine on transformers: the ground truth the vLLM plugin must match.
+
+A frozen base model, a set of edits, per-sequence nearest-key routing at the first edited layer
+(decision 1), the edit's LoRA applied from the key token on (decision 2), and a route decided
+once per request at its key token and kept for every decode step (decision 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sola_vllm.kernels.nearest_key import nearest_key_ref
+
+from .arch import ARCHS, EditShape, resolve
+from .config import RouterConfig, SolaConfig
+from .edit import Edit
+from .lora import LoraContext, apply_indices, install_routed_lora
+from .routing import KeyTable
+
+
+class EditMismatchError(ValueError):
+    """An edit was trained for another base model or another layer set."""
+
+
+@dataclass
+class Route:
+    edit_id: str | None
+    distance: float
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    route: Route
+
+
+@dataclass
+class _Batch:
+    input_ids: torch.Tensor  # [B, T] left-padded
+    attention_mask: torch.Tensor  # [B, T]
+    key_pos: torch.Tensor  # [B]: index of each row's last prompt token (the key token)
+
+
+class RoutedEngine:
+    def __init__(self, model, tokenizer, shape: EditShape, router: RouterConfig,
+                 model_fingerprint: str, config: SolaConfig | None = None):
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.shape = shape
+        self.router = router
+        self.config = config or SolaConfig(router=router)
+        self.model_fingerprint = model_fingerprint
+        self.spec = ARCHS[shape.arch]
+        self.ctx = LoraContext()
+        self.modules = install_routed_lora(model, shape, self.ctx)
+        self.edits: dict[str, Edit] = {}
+        self.table = KeyTable()
+        self._pending: _Batch | None = None  # prefill: routes decided in the key-layer hook
+        self._slots: torch.Tensor | None = None  # [B] decided routes (-1 = none)
+        self._distances: torch.Tensor | None = None
+        self._apply_mask: torch.Tensor | None = None  # [B, T] for the current forward
+        self.key_layer_module.register_forward_pre_hook(self._key_layer_hook, with_kwargs=True)
+
+    # --- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model_path: str | Path | None = None,
+                        config: SolaConfig | None = None,
+                        dtype: torch.dtype = torch.float32) -> RoutedEngine:
+        from .models import model_fingerprint, resolve_model
+
+        path = resolve_model(model_path)
+        config = config or SolaConfig()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        hf = model.config
+        num_layers = getattr(hf, "num_hidden_layers", None) or hf.n_layer
+        shape = resolve(config.edit, hf.model_type, num_layers)
+        return cls(model, tokenizer, shape, config.router, model_fingerprint(path), config)
+
+    @property
+    def decoder_layers(self):
+        return getattr(getattr(self.model, self.spec.backbone), self.spec.layers)
+
+    @property
+    def key_layer_module(self):
+        return self.decoder_layers[self.shape.key_layer]
+
+    @property
+    def hidden_size(self) -> int:
+        hf = self.model.config
+        return getattr(hf, "hidden_size", None) or hf.n_embd
+
+    @property
+    def max_positions(self) -> int:
+        hf = self.model.config
+        return getattr(hf, "max_position_embeddings", None) or hf.n_positions
+
+    # --- edits ----------------------------------------------------------------------------------
+    def check_compatible(self, edit: Edit) -> None:
+        if edit.model_fingerprint != self.model_fingerprint:
+            raise EditMismatchError(
+                f"edit {edit.id} was trained on base model {edit.model_fingerprint[:12]}..., "
+                f"this engine serves {self.model_fingerprint[:12]}...")
+        if edit.shape_fingerprint != self.shape.fingerprint():
+            raise EditMismatchError(
+                f"edit {edit.id} edits layers {edit.layers} modules {edit.modules} ({edit.arch}); "
+                f"this engine edits layers {list(self.shape.layers)} modules "
+                f"{list(self.shape.modules)} ({self.shape.arch})")
+
+    def add(self, edit: Edit) -> None:
+        if edit.id in self.edits:
+            raise ValueError(f"edit {edit.id} is already loaded")
+        self.check_compatible(edit)
+        if edit.keys.shape[1] != self.hidden_size:
+            raise EditMismatchError(f"edit {edit.id} keys have dimension {edit.keys.shape[1]}, "
+                                    f"the model's hidden size is {self.hidden_size}")
+        for name, (a, b) in edit.lora.items():
+            self.modules[name].set_adapter(edit.id, a, b, float(edit.scale))
+        self.edits[edit.id] = edit
+        self._rebuild_table()
+
+    def remove(self, edit_id: str) -> None:
+        self._get(edit_id)
+        for module in self.modules.values():
+            module.drop_adapter(edit_id)
+        del self.edits[edit_id]
+        self._rebuild_table()
+
+    def revoke(self, edit_id: str) -> None:
+        """Remove the edit's keys from routing; its LoRA stays loaded for a later restore."""
+        self._get(edit_id).state = "revoked"
+        self._rebuild_table()
+
+    def restore(self, edit_id: str) -> None:
+        self._get(edit_id).state = "active"
+        self._rebuild_table()
+
+    def _get(self, edit_id: str) -> Edit:
+        if edit_id not in self.edits:
+            raise KeyError(f"no edit {edit_id!r} is loaded")
+        return self.edits[edit_id]
+
+    def _rebuild_table(self) -> None:
+        self.table = KeyTable.build([e for e in self.edits.values() if e.state == "active"])
+
+    # --- tokenization ---------------------------------------------------------------------------
+    def encode(self, prompt: str) -> list[int]:
+        if not isinstance(prompt, str) or prompt == "":
+            raise ValueError("prompt must be a non-empty string")
+        ids = self.tokenizer(prompt, add_special_tokens=True).input_ids
+        if len(ids) >= self.max_positions:
+            raise ValueError(f"prompt is {len(ids)} tokens long; the model's context is "
+                             f"{self.max_positions} tokens")
+        return ids
+
+    def _batch(self, prompts: list[str]) -> _Batch:
+        if not prompts:
+            raise ValueError("no prompts given")
+        seqs = [self.encode(p) for p in prompts]
+        width = max(len(s) for s in seqs)
+        pad = self.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+        return _Batch(ids, mask, torch.full((len(seqs),), width - 1))
+
+    @property
+    def pad_token_id(self) -> int:
+        tok = self.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    # --- routing --------------------------------------------------------------------------------
+    def route_keys(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries: [S, d] -> (slot int64 [S] (-1 = none), distance fp32 [S])."""
+        slot, dist, _ = nearest_key_ref(queries.float(), self.table.keys, self.table.owners,
+                                        self.router.threshold, self.router.metric)
+        return slot.long(), dist
+
+    def _key_layer_hook(self, module, args, kwargs):
+        if self._apply_mask is None:  # a plain forward outside the engine: no routing
+            return None
+        if self._pending is not None:
+            hidden = args[0] if args else kwargs["hidden_states"]  # [B, T, H]
+            rows = torch.arange(hidden.shape[0])
+            self._slots, self._distances = self.route_keys(hidden[rows, self._pending.key_pos])
+            self._pending = None
+        groups = apply_indices(self._slots, self._apply_mask)
+        self.ctx.plan = [(self.table.edit_ids[slot], idx) for slot, idx in groups.items()]
+        return None
+
+    def routes(self) -> list[Route]:
+        return [Route(self.table.edit_ids[s] if s >= 0 else None, float(d))
+                for s, d in zip(self._slots.tolist(), self._distances.tolist(), strict=True)]
+
+    # --- forward --------------------------------------------------------------------------------
+    def _forward(self, input_ids, attention_mask, position_ids, past, apply_mask):
+        self._apply_mask = apply_mask
+        try:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids, past_key_values=past, use_cache=True)
+        finally:
+            self._apply_mask = None
+            self.ctx.plan = []
+
+    def _prefill(self, batch: _Batch):
+        self._pending = batch
+        width = batch.input_ids.shape[1]
+        apply_mask = torch.arange(width)[None, :] >= batch.key_pos[:, None]  # [B, T]
+        position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
+        return self._forward(batch.input_ids, batch.attention_mask, position_ids, None, apply_mask)
+
+    @torch.inference_mode()
+    def forward_logits(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[Route]]:
+        """One routed prefill: logits fp32 [B, T, vocab] (left-padded), attention mask [B, T],
+        and each prompt's route."""
+        batch = self._batch(prompts)
+        out = self._prefill(batch)
+        return out.logits.float(), batch.attention_mask, self.routes()
+
+    def last_logits(self, prompts: list[str]) -> tuple[torch.Tensor, list[Route]]:
+        """Next-token logits after each prompt, fp32 [B, vocab], and each prompt's route."""
+        logits, _, routes = self.forward_logits(prompts)
+        return logits[:, -1], routes
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[str], max_new_tokens: int = 32) -> list[Generation]:
+        """Greedy decoding with a KV cache; each row's route is decided at its key token."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        batch = self._batch(prompts)
+        out = self._prefill(batch)
+        routes = self.routes()
+        eos = self.tokenizer.eos_token_id
+        mask, num_rows = batch.attention_mask, len(prompts)
+        positions = mask.sum(-1, keepdim=True) - 1  # [B, 1]
+        tokens: list[list[int]] = [[] for _ in range(num_rows)]
+        done = torch.zeros(num_rows, dtype=torch.bool)
+        for step in range(max_new_tokens):
+            next_ids = out.logits[:, -1].argmax(-1)  # [B]
+            for row in range(num_rows):
+                if not done[row]:
+                    tokens[row].append(int(next_ids[row]))
+            done |= next_ids == eos
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones(num_rows, 1, dtype=mask.dtype)], dim=1)
+            positions = positions + 1
+            out = self._forward(next_ids[:, None], mask, positions, out.past_key_values,
+                                torch.ones(num_rows, 1, dtype=torch.bool))
+        return [Generation(self.tokenizer.decode(t, skip_special_tokens=True), t, r)
+                for t, r in zip(tokens, routes, strict=True)]
+
+    def train(self, prompts: list[str], target: str, **kwargs) -> Edit:
+        """Train one edit on this engine's frozen base model (see `train.train_edit`)."""
+        from .train import train_edit
+
+        return train_edit(self, prompts, target, **kwargs)
