@@ -1,0 +1,65 @@
+"""What every vLLM process needs to know about SoLA, carried in `hf_overrides["sola"]`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from ..arch import EditShape
+from ..config import METRICS
+
+SOLA_ARCHITECTURES = {
+    "llama": "SolaLlamaForCausalLM",
+    "qwen2": "SolaQwen2ForCausalLM",
+    "qwen3": "SolaQwen3ForCausalLM",
+    "gpt2": "SolaGPT2LMHeadModel",
+}
+
+
+@dataclass(slots=True)
+class ServingConfig:
+    model_type: str
+    layers: tuple[int, ...]
+    modules: tuple[str, ...]
+    shape_fingerprint: str
+    model_fingerprint: str
+    metric: str = "cosine"
+    threshold: float = 1e-3
+    max_edits: int = 1024  # LoRA slots, preallocated at start (revoked edits keep theirs)
+    max_keys: int = 4096  # routing keys, preallocated at start
+    max_rank: int = 8
+
+    def __post_init__(self) -> None:
+        self.layers, self.modules = tuple(self.layers), tuple(self.modules)
+        if self.metric not in METRICS:
+            raise ValueError(f"metric {self.metric!r} is not one of {METRICS}")
+        for name in ("max_edits", "max_keys", "max_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not self.threshold > 0:
+            raise ValueError(f"threshold must be positive, got {self.threshold!r}")
+
+    @classmethod
+    def from_shape(cls, shape: EditShape, model_type: str, model_fingerprint: str,
+                   **kwargs) -> ServingConfig:
+        return cls(model_type=model_type, layers=shape.layers, modules=shape.modules,
+                   shape_fingerprint=shape.fingerprint(), model_fingerprint=model_fingerprint,
+                   **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ServingConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown sola serving option(s) {unknown}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+    @property
+    def architecture(self) -> str:
+        return SOLA_ARCHITECTURES[self.model_type]

@@ -1,0 +1,117 @@
+"""Offline Python API: a vLLM `LLM` with the SoLA plugin, hot edits and greedy generation.
+
+    llm = SolaLLM()                            # default model, CPU-friendly defaults
+    llm.add_edit(edit)                         # an `Edit` (e.g. from EditStore.get or train)
+    llm.generate(["The capital of France is"]) # routed per request inside vLLM
+    llm.revoke("rome")                         # new requests get the exact base model again
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..arch import resolve
+from ..config import SolaConfig
+from ..edit import Edit
+from .config import ServingConfig
+from .runner_hooks import PREFIX_GUARD_ENV
+
+WORKER_EXTENSION = "sola_vllm.serving.worker_ext.SolaWorkerExtension"
+
+
+class SolaRpcError(ValueError):
+    """A worker refused a request (bad edit, unknown id, capacity...)."""
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+
+
+def serving_config(model_path: Path, config: SolaConfig, **capacity) -> ServingConfig:
+    from transformers import AutoConfig
+
+    from ..models import model_fingerprint
+
+    hf = AutoConfig.from_pretrained(model_path)
+    num_layers = getattr(hf, "num_hidden_layers", None) or hf.n_layer
+    shape = resolve(config.edit, hf.model_type, num_layers)
+    return ServingConfig.from_shape(shape, hf.model_type, model_fingerprint(model_path),
+                                    metric=config.router.metric,
+                                    threshold=config.router.threshold, **capacity)
+
+
+def engine_kwargs(model_path: Path, serving: ServingConfig) -> dict:
+    """What vLLM needs to build the plugin's model; also sets the prefix-cache guard."""
+    os.environ[PREFIX_GUARD_ENV] = "1"
+    return {"model": str(model_path),
+            "hf_overrides": {"architectures": [serving.architecture], "sola": serving.to_dict()},
+            "worker_extension_cls": WORKER_EXTENSION}
+
+
+class SolaLLM:
+    def __init__(self, model: str | Path | None = None, config: SolaConfig | None = None, *,
+                 max_edits: int = 1024, max_keys: int = 4096, max_rank: int = 8, **llm_kwargs):
+        from vllm import LLM
+
+        from ..models import resolve_model
+
+        self.model_path = resolve_model(model)
+        self.config = config or SolaConfig()
+        self.serving = serving_config(self.model_path, self.config, max_edits=max_edits,
+                                      max_keys=max_keys, max_rank=max_rank)
+        self.llm = LLM(**engine_kwargs(self.model_path, self.serving), **llm_kwargs)
+
+    # --- edits ----------------------------------------------------------------------------------
+    def _rpc(self, method: str, *args):
+        replies = self.llm.collective_rpc(method, args=args)
+        for reply in replies:
+            if not reply["ok"]:
+                raise SolaRpcError(reply["error"])
+        return replies[0]["result"]
+
+    def capture_keys(self, prompts: list[str]) -> list[str]:
+        """Run the prompts through this engine (one token each) and keep each key-token
+        residual in the worker, so serving keys come from the serving engine's numerics."""
+        from vllm import SamplingParams
+
+        ids = [f"cap-{uuid.uuid4().hex}" for _ in prompts]
+        params = [SamplingParams(max_tokens=1, extra_args={"sola_capture": c}) for c in ids]
+        self.llm.generate(list(prompts), params, use_tqdm=False)
+        return ids
+
+    def add_edit(self, edit: Edit, active: bool = True) -> dict:
+        ids = self.capture_keys(edit.prompts)
+        try:
+            return self._rpc("sola_add_edit", edit.to_bytes(), ids, active)
+        finally:
+            self.llm.collective_rpc("sola_drop_captures", args=(ids,))
+
+    def revoke(self, edit_id: str) -> dict:
+        return self._rpc("sola_set_active", edit_id, False)
+
+    def restore(self, edit_id: str) -> dict:
+        return self._rpc("sola_set_active", edit_id, True)
+
+    def remove(self, edit_id: str) -> None:
+        self._rpc("sola_remove_edit", edit_id)
+
+    def list_edits(self) -> list[dict]:
+        return self._rpc("sola_list_edits")
+
+    def stats(self) -> dict:
+        return self._rpc("sola_stats")
+
+    # --- generation -----------------------------------------------------------------------------
+    def generate(self, prompts: list[str], max_tokens: int = 32, **sampling) -> list[Completion]:
+        """Greedy by default (temperature 0)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=max_tokens, temperature=sampling.pop("temperature", 0),
+                                **sampling)
+        outputs = self.llm.generate(list(prompts), params, use_tqdm=False)
+        return [Completion(o.outputs[0].text, list(o.outputs[0].token_ids)) for o in outputs]

@@ -1,0 +1,57 @@
+"""vLLM model classes with SoLA routing: the in-tree classes, built and loaded as usual, then
+patched in place (router at the first edited layer, LoRA apply on the edited linears).
+Selected through `hf_overrides={"architectures": ["Sola..."], "sola": {...}}`."""
+
+from __future__ import annotations
+
+from vllm.model_executor.models.gpt2 import GPT2LMHeadModel
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+
+from ..arch import arch_for
+from .config import ServingConfig
+from .layers import lora_targets, patch_model
+from .ops import register_runtime
+from .runtime import SolaRuntime
+
+
+def init_sola(model, vllm_config) -> SolaRuntime:
+    hf_config = vllm_config.model_config.hf_config
+    config = ServingConfig.from_dict(dict(hf_config.sola))
+    parallel = vllm_config.parallel_config
+    if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
+        raise ValueError("sola-vllm serves with tensor and pipeline parallel size 1 for now")
+    if vllm_config.lora_config is not None:
+        raise ValueError("sola-vllm applies its own LoRAs: leave vLLM's --enable-lora off")
+    arch = arch_for(config.model_type).name
+    groups = lora_targets(model, arch, config.layers, config.modules)
+    max_tokens = max(vllm_config.scheduler_config.max_num_batched_tokens,
+                     vllm_config.model_config.max_model_len)
+    runtime = SolaRuntime(config, hf_config.hidden_size, list(groups.values()), max_tokens)
+    patch_model(model, arch, config.layers[0], groups, runtime, register_runtime(runtime))
+    return runtime
+
+
+class SolaLlamaForCausalLM(LlamaForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.sola = init_sola(self, vllm_config)
+
+
+class SolaQwen2ForCausalLM(Qwen2ForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.sola = init_sola(self, vllm_config)
+
+
+class SolaQwen3ForCausalLM(Qwen3ForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.sola = init_sola(self, vllm_config)
+
+
+class SolaGPT2LMHeadModel(GPT2LMHeadModel):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.sola = init_sola(self, vllm_config)

@@ -1,0 +1,244 @@
+"""SolaRuntime: the edits, keys and per-request routes of one vLLM model (in its worker).
+
+Capacity is preallocated at start: `max_edits` LoRA slots (stacked [S, r_max, in] / [S, out, r_max]
+fp32 tensors per edited module) and `max_keys` key rows ([K, d] fp32). An edit's keys route to its
+slot while it is active; revoking it clears the keys' owners, so no new request routes to it,
+while requests already routed keep their edit until they finish (decision 3: a response is
+either wholly edited or wholly base). Routes are decided once per request at its key token and
+kept by request id until the request finishes, so they survive preemption and recompute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sola_vllm.kernels.nearest_key import nearest_key_ref
+
+from ..edit import Edit
+from .config import ServingConfig
+
+UNDECIDED = -2
+MAX_PENDING_CAPTURES = 4096
+
+
+class CapacityError(ValueError):
+    """Edit or key capacity (fixed at start) is exhausted, or the edit's rank is too large."""
+
+
+@dataclass
+class StepMeta:
+    """Per-step token layout, set by the runner hook before the forward."""
+
+    num_tokens: int
+    tok_row: np.ndarray  # [T] int64: row of each scheduled token
+    tok_pos: np.ndarray  # [T] int64: position of each token in its sequence
+    row_prompt_len: np.ndarray  # [n] int64: original prompt length per row
+    req_ids: list[str]  # [n]
+    captures: list[str | None]  # [n]: key-capture id of capture requests
+
+
+@dataclass
+class LoraTarget:
+    """One edited HF module inside a vLLM linear: its output columns [offset, offset+out)."""
+
+    name: str  # lora_name(layer, module)
+    offset: int
+    out_features: int
+    in_features: int
+
+
+@dataclass
+class _SlotInfo:
+    slot: int
+    key_rows: list[int]
+    rank: int
+    scale: float
+    active: bool
+    summary: dict
+
+
+class SolaRuntime:
+    def __init__(self, config: ServingConfig, hidden_size: int, targets: list[list[LoraTarget]],
+                 max_num_tokens: int):
+        self.config = config
+        self.hidden_size = hidden_size
+        self.targets = targets  # per patched vLLM linear: the edited modules it holds
+        s, r = config.max_edits, config.max_rank
+        self.lora_a: dict[str, torch.Tensor] = {}
+        self.lora_b: dict[str, torch.Tensor] = {}
+        for group in targets:
+            for t in group:
+                self.lora_a[t.name] = torch.zeros(s, r, t.in_features)
+                self.lora_b[t.name] = torch.zeros(s, t.out_features, r)
+        self.keys = torch.zeros(config.max_keys, hidden_size)
+        self.key_owner = torch.full((config.max_keys,), -1, dtype=torch.int32)
+        self.tok_slot = torch.full((max_num_tokens,), -1, dtype=torch.int32)
+        self.edits: dict[str, _SlotInfo] = {}
+        self.slot_edit: list[str | None] = [None] * s
+        self.free_key_rows = list(range(config.max_keys))
+        self.routes: dict[str, int] = {}  # request id -> edit slot (-1: base model)
+        self.captures: dict[str, torch.Tensor] = {}  # capture id -> fp32 key
+        self.hits = np.zeros(s, dtype=np.int64)  # routed requests per slot
+        self.step: StepMeta | None = None
+        self._active: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # --- edits ----------------------------------------------------------------------------------
+    def check_edit(self, edit: Edit, keys: torch.Tensor) -> None:
+        """Every reason to refuse an edit, checked before anything changes."""
+        cfg = self.config
+        if edit.model_fingerprint != cfg.model_fingerprint:
+            raise ValueError(f"edit {edit.id} was trained on base model "
+                             f"{edit.model_fingerprint[:12]}..., this server runs "
+                             f"{cfg.model_fingerprint[:12]}...")
+        if edit.shape_fingerprint != cfg.shape_fingerprint:
+            raise ValueError(f"edit {edit.id} edits layers {edit.layers} modules {edit.modules}; "
+                             f"this server edits layers {list(cfg.layers)} modules "
+                             f"{list(cfg.modules)}")
+        if edit.id in self.edits:
+            raise ValueError(f"edit {edit.id} is already loaded")
+        if edit.rank > cfg.max_rank:
+            raise CapacityError(f"edit {edit.id} has rank {edit.rank}; the server's max rank is "
+                                f"{cfg.max_rank}")
+        if None not in self.slot_edit:
+            raise CapacityError(f"all {cfg.max_edits} edit slots are in use")
+        if keys.ndim != 2 or keys.shape[1] != self.hidden_size or keys.shape[0] == 0:
+            raise ValueError(f"edit {edit.id}: keys of shape {tuple(keys.shape)}, expected "
+                             f"[n, {self.hidden_size}]")
+        if not bool(torch.isfinite(keys).all()):
+            raise ValueError(f"edit {edit.id}: keys hold NaN or Inf")
+        if keys.shape[0] > len(self.free_key_rows):
+            raise CapacityError(f"edit {edit.id} needs {keys.shape[0]} key rows; "
+                                f"{len(self.free_key_rows)} of {cfg.max_keys} are free")
+        for name, (a, b) in edit.lora.items():
+            if name not in self.lora_a:
+                raise ValueError(f"edit {edit.id}: module {name} is not edited by this server")
+            if a.shape[1] != self.lora_a[name].shape[2] or b.shape[0] != self.lora_b[name].shape[1]:
+                raise ValueError(f"edit {edit.id}: {name} has A {tuple(a.shape)}, B "
+                                 f"{tuple(b.shape)}, which do not fit the model's module")
+
+    def add_edit(self, edit: Edit, keys: torch.Tensor, active: bool = True) -> dict:
+        keys = keys.float()
+        self.check_edit(edit, keys)
+        slot = self.slot_edit.index(None)
+        rows = [self.free_key_rows.pop(0) for _ in range(keys.shape[0])]
+        for name, (a, b) in edit.lora.items():
+            self.lora_a[name][slot].zero_()[: edit.rank].copy_(a)
+            self.lora_b[name][slot].zero_()[:, : edit.rank].copy_(b)
+        self.keys[rows] = keys
+        self.slot_edit[slot] = edit.id
+        self.hits[slot] = 0
+        summary = {k: v for k, v in edit.summary().items() if k != "train_info"}
+        self.edits[edit.id] = _SlotInfo(slot, rows, edit.rank, float(edit.scale), False, summary)
+        if active:
+            self.set_active(edit.id, True)
+        return self.describe(edit.id)
+
+    def set_active(self, edit_id: str, active: bool) -> dict:
+        info = self._info(edit_id)
+        owner = info.slot if active else -1
+        self.key_owner[info.key_rows] = owner
+        info.active = active
+        self._active = None
+        return self.describe(edit_id)
+
+    def remove_edit(self, edit_id: str) -> None:
+        """Free an edit's slot and keys. Refused while a request still routes to it."""
+        info = self._info(edit_id)
+        if info.slot in self.routes.values():
+            raise ValueError(f"edit {edit_id} is still used by in-flight requests")
+        self.set_active(edit_id, False)
+        self.free_key_rows.extend(info.key_rows)
+        self.slot_edit[info.slot] = None
+        del self.edits[edit_id]
+
+    def describe(self, edit_id: str) -> dict:
+        info = self._info(edit_id)
+        return {**info.summary, "state": "active" if info.active else "revoked",
+                "slot": info.slot, "hits": int(self.hits[info.slot])}
+
+    def list_edits(self) -> list[dict]:
+        return [self.describe(edit_id) for edit_id in self.edits]
+
+    def stats(self) -> dict:
+        return {"edits": len(self.edits), "max_edits": self.config.max_edits,
+                "keys_in_use": self.config.max_keys - len(self.free_key_rows),
+                "max_keys": self.config.max_keys, "routed_requests": len(self.routes),
+                "pending_captures": len(self.captures)}
+
+    def _info(self, edit_id: str) -> _SlotInfo:
+        if edit_id not in self.edits:
+            raise KeyError(f"no edit {edit_id!r} is loaded")
+        return self.edits[edit_id]
+
+    def active_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._active is None:
+            rows = (self.key_owner >= 0).nonzero().squeeze(1)
+            self._active = (self.keys[rows].contiguous(), self.key_owner[rows].contiguous())
+        return self._active
+
+    def take_captures(self, capture_ids: list[str]) -> torch.Tensor:
+        missing = [c for c in capture_ids if c not in self.captures]
+        if missing:
+            raise ValueError(f"no key was captured for {missing}")
+        return torch.stack([self.captures.pop(c) for c in capture_ids])
+
+    def finish_requests(self, req_ids) -> None:
+        for req_id in req_ids:
+            self.routes.pop(req_id, None)
+
+    # --- forward: routing at the key layer, LoRA apply in the edited linears -------------------
+    def route(self, hidden: torch.Tensor) -> None:
+        """hidden: [T, d], the residual stream entering the first edited layer. Decides the
+        route of every request whose key token (its prompt's last token) is in this step, and
+        writes each token's edit slot (-1 = none) into `tok_slot[:T]`."""
+        num_tokens = hidden.shape[0]
+        step = self.step
+        self.tok_slot[:num_tokens] = -1
+        if step is None or step.num_tokens > num_tokens:  # dummy/profile run: no routing
+            return
+        rows, pos = step.tok_row, step.tok_pos
+        key_pos = step.row_prompt_len[rows] - 1  # [T]
+        is_key = np.flatnonzero(pos == key_pos)
+        self._decide(hidden, is_key, rows)
+        row_slot = np.array([self.routes.get(r, -1) for r in step.req_ids], dtype=np.int64)
+        tok = np.where(pos >= key_pos, row_slot[rows], -1)
+        self.tok_slot[: step.num_tokens] = torch.from_numpy(tok)
+
+    def _decide(self, hidden: torch.Tensor, is_key: np.ndarray, rows: np.ndarray) -> None:
+        step = self.step
+        for t in is_key:
+            row = int(rows[t])
+            if step.captures[row] is not None and len(self.captures) < MAX_PENDING_CAPTURES:
+                self.captures[step.captures[row]] = hidden[t].float().clone()
+        todo = [int(t) for t in is_key if step.req_ids[int(rows[t])] not in self.routes]
+        if not todo:
+            return
+        keys, owners = self.active_keys()
+        queries = hidden[todo].float()  # [n_key, d]
+        slots, _, _ = nearest_key_ref(queries, keys, owners, self.config.threshold,
+                                      self.config.metric)
+        for t, slot in zip(todo, slots.tolist(), strict=True):
+            self.routes[step.req_ids[int(rows[t])]] = slot
+            if slot >= 0:
+                self.hits[slot] += 1
+
+    def apply(self, group: int, y: torch.Tensor, x: torch.Tensor) -> None:
+        """y: [T, out] base output of linear `group` (updated in place), x: [T, in] its input.
+        Adds each routed token's LoRA delta, one matmul pair per distinct edit in the batch;
+        tokens with slot -1 are never written."""
+        tok_slot = self.tok_slot[: y.shape[0]]
+        routed = tok_slot >= 0
+        if not bool(routed.any()):
+            return
+        for slot in torch.unique(tok_slot[routed]).tolist():
+            idx = (tok_slot == slot).nonzero().squeeze(1)
+            info = self.edits[self.slot_edit[slot]]
+            xs = x[idx].float()  # [n, in]
+            for t in self.targets[group]:
+                a = self.lora_a[t.name][slot, : info.rank]  # [r, in]
+                b = self.lora_b[t.name][slot, :, : info.rank]  # [out, r]
+                delta = ((xs @ a.T) @ b.T) * info.scale  # [n, out] fp32
+                y[:, t.offset: t.offset + t.out_features].index_add_(0, idx, delta.to(y.dtype))

@@ -1,0 +1,71 @@
+"""Worker RPCs (`--worker-extension-cls sola_vllm.serving.worker_ext.SolaWorkerExtension`).
+
+vLLM runs them between engine steps, so a change is visible from the next scheduled step on.
+Arguments and results are plain msgpack-able values: edits travel as the artifact's bytes.
+Expected failures come back as {"ok": False, "error": ...}; nothing is half-applied.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..edit import Edit, EditFormatError
+from .runtime import CapacityError
+
+_EXPECTED = (ValueError, KeyError, EditFormatError, CapacityError)
+
+
+def _result(fn):
+    def wrapper(self, *args):
+        try:
+            return {"ok": True, "result": fn(self, *args)}
+        except _EXPECTED as exc:
+            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            return {"ok": False, "error": str(message), "type": type(exc).__name__}
+
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
+class SolaWorkerExtension:
+    def _sola(self):
+        model = self.model_runner.get_model()
+        runtime = getattr(model, "sola", None)
+        if runtime is None:
+            raise ValueError("this vLLM model was not built with the sola-vllm plugin")
+        return runtime
+
+    @_result
+    def sola_add_edit(self, artifact: bytes, capture_ids: list, active: bool = True) -> dict:
+        """Load an edit; its routing keys are the ones this engine captured for its prompts."""
+        runtime = self._sola()
+        edit = Edit.from_bytes(bytes(artifact))
+        if len(capture_ids) != len(edit.prompts):
+            raise ValueError(f"edit {edit.id} has {len(edit.prompts)} prompts but "
+                             f"{len(capture_ids)} captured keys were named")
+        keys = runtime.take_captures(list(capture_ids))
+        summary = runtime.add_edit(edit, keys, active=bool(active))
+        drift = 1 - torch.nn.functional.cosine_similarity(keys, edit.keys.float(), dim=-1)
+        summary["key_drift_vs_reference"] = [float(d) for d in drift]
+        return summary
+
+    @_result
+    def sola_set_active(self, edit_id: str, active: bool) -> dict:
+        return self._sola().set_active(str(edit_id), bool(active))
+
+    @_result
+    def sola_remove_edit(self, edit_id: str) -> None:
+        self._sola().remove_edit(str(edit_id))
+
+    @_result
+    def sola_list_edits(self) -> list:
+        return self._sola().list_edits()
+
+    @_result
+    def sola_stats(self) -> dict:
+        return self._sola().stats()
+
+    @_result
+    def sola_drop_captures(self, capture_ids: list) -> None:
+        for capture_id in capture_ids:
+            self._sola().captures.pop(capture_id, None)
