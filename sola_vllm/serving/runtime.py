@@ -82,6 +82,7 @@ class SolaRuntime:
         self.routes: dict[str, int] = {}  # request id -> edit slot (-1: base model)
         self.captures: dict[str, torch.Tensor] = {}  # capture id -> fp32 key
         self.hits = np.zeros(s, dtype=np.int64)  # routed requests per slot
+        self.recomputed_keys = 0  # key tokens seen again (preemption + recompute): route kept
         self.step: StepMeta | None = None
         self._active: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -165,8 +166,9 @@ class SolaRuntime:
     def stats(self) -> dict:
         return {"edits": len(self.edits), "max_edits": self.config.max_edits,
                 "keys_in_use": self.config.max_keys - len(self.free_key_rows),
-                "max_keys": self.config.max_keys, "routed_requests": len(self.routes),
-                "pending_captures": len(self.captures)}
+                "max_keys": self.config.max_keys, "requests_in_flight": len(self.routes),
+                "pending_captures": len(self.captures),
+                "recomputed_key_tokens": self.recomputed_keys}
 
     def _info(self, edit_id: str) -> _SlotInfo:
         if edit_id not in self.edits:
@@ -209,11 +211,14 @@ class SolaRuntime:
 
     def _decide(self, hidden: torch.Tensor, is_key: np.ndarray, rows: np.ndarray) -> None:
         step = self.step
-        for t in is_key:
+        for t in is_key:  # capture requests only record their key; they never route
             row = int(rows[t])
-            if step.captures[row] is not None and len(self.captures) < MAX_PENDING_CAPTURES:
-                self.captures[step.captures[row]] = hidden[t].float().clone()
+            if step.captures[row] is not None:
+                if len(self.captures) < MAX_PENDING_CAPTURES:
+                    self.captures[step.captures[row]] = hidden[t].float().clone()
+                self.routes[step.req_ids[row]] = -1
         todo = [int(t) for t in is_key if step.req_ids[int(rows[t])] not in self.routes]
+        self.recomputed_keys += len(is_key) - len(todo)
         if not todo:
             return
         keys, owners = self.active_keys()
