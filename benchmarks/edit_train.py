@@ -72,7 +72,8 @@ def main() -> int:
         "p90_seconds": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
         "mean_steps": statistics.mean(steps), "reproduced_target": reproduced,
         "peak_rss_mib": peak_rss_mib(), "rss_after_load_mib": rss_loaded,
-        "target_seconds": 10.0, "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
+        "target_seconds": 10.0,
+        "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
         "torch": torch.__version__, "python": platform.python_version(),
     }
     print(f"train one edit: median {result['median_seconds']:.2f} s (p90 "

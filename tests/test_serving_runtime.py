@@ -1,0 +1,132 @@
+"""SolaRuntime without vLLM: grouped apply against a per-token loop, routing decided once per
+request at its key token, capacity and validation, and the plugin's idempotent register()."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_synthetic_edit
+
+from sola_vllm.arch import EditShape
+from sola_vllm.edit import lora_name
+from sola_vllm.serving.config import ServingConfig
+from sola_vllm.serving.runtime import CapacityError, LoraTarget, SolaRuntime, StepMeta
+
+HIDDEN, INTER, LAYERS, MODULES = 64, 128, (2, 3), ("mlp.up_proj", "mlp.down_proj")
+
+
+def make_runtime(max_edits=4, max_keys=8, max_rank=4) -> SolaRuntime:
+    shape = EditShape("llama", 4, LAYERS, MODULES, 4, 1.0)
+    config = ServingConfig.from_shape(shape, "llama", "m" * 64, metric="l2", threshold=0.5,
+                                      max_edits=max_edits, max_keys=max_keys, max_rank=max_rank)
+    # like vLLM: up_proj is the second half of gate_up_proj, down_proj a linear of its own
+    groups = []
+    for layer in LAYERS:
+        groups.append([LoraTarget(lora_name(layer, "mlp.up_proj"), INTER, INTER, HIDDEN)])
+        groups.append([LoraTarget(lora_name(layer, "mlp.down_proj"), 0, HIDDEN, INTER)])
+    return SolaRuntime(config, HIDDEN, groups, max_num_tokens=64)
+
+
+def edit(i, **kw):
+    return make_synthetic_edit(f"e{i}", layers=LAYERS, modules=MODULES, hidden=HIDDEN,
+                               intermediate=INTER, seed=i, **kw)
+
+
+def step(req_ids, lengths, positions_per_row, captures=None):
+    rows = np.concatenate([np.full(len(p), r) for r, p in enumerate(positions_per_row)])
+    pos = np.concatenate([np.asarray(p) for p in positions_per_row])
+    return StepMeta(len(pos), rows, pos, np.asarray(lengths), list(req_ids),
+                    captures or [None] * len(req_ids))
+
+
+@pytest.mark.parametrize("popularity", ["distinct", "identical", "none", "mixed"])
+def test_grouped_apply_matches_a_per_token_loop(popularity):
+    runtime = make_runtime()
+    edits = [edit(i) for i in range(3)]
+    for e in edits:
+        runtime.add_edit(e, e.keys)
+    num_tokens = 11
+    slots = {"distinct": torch.arange(num_tokens) % 3, "identical": torch.zeros(num_tokens),
+             "none": torch.full((num_tokens,), -1),
+             "mixed": torch.where(torch.arange(num_tokens) % 3 == 0, -1,
+                                  torch.arange(num_tokens) % 3)}[popularity].int()
+    runtime.tok_slot[:num_tokens] = slots
+    x = torch.randn(num_tokens, HIDDEN)
+    base = torch.randn(num_tokens, 2 * INTER)  # a gate_up_proj output
+    y = base.clone()
+    runtime.apply(0, y, x)  # group 0: layer 2's up_proj inside gate_up_proj
+    for t in range(num_tokens):
+        s = int(slots[t])
+        if s < 0:
+            assert torch.equal(y[t], base[t])  # -1 rows untouched, bit for bit
+            continue
+        a, b = edits[s].lora[lora_name(2, "mlp.up_proj")]
+        assert torch.equal(y[t, :INTER], base[t, :INTER])  # gate half never touched
+        torch.testing.assert_close(y[t, INTER:], base[t, INTER:] + b @ (a @ x[t]),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_route_is_decided_once_at_the_key_token_and_kept():
+    runtime = make_runtime()
+    e = edit(0)
+    runtime.add_edit(e, e.keys)
+    hidden = torch.randn(6, HIDDEN) * 10
+    hidden[2] = e.keys[0]  # request "a": its key token (position 2 of a 3-token prompt)
+    runtime.step = step(["a", "b"], [3, 4], [[0, 1, 2], [0, 1, 2]])  # "b" still in prefill
+    runtime.route(hidden)
+    assert runtime.routes == {"a": 0}
+    assert runtime.tok_slot[:6].tolist() == [-1, -1, 0, -1, -1, -1]
+    # a decode step: "a" keeps its edit whatever its hidden state; "b" reaches its key token
+    runtime.step = step(["a", "b"], [3, 4], [[3], [3]])
+    runtime.route(torch.randn(2, HIDDEN) * 10)
+    assert runtime.routes == {"a": 0, "b": -1}
+    assert runtime.tok_slot[:2].tolist() == [0, -1]
+    runtime.set_active("e0", False)  # revoke: in-flight "a" keeps its route
+    runtime.step = step(["a", "c"], [3, 3], [[4], [0, 1, 2]])
+    hidden = torch.randn(4, HIDDEN) * 10
+    hidden[3] = e.keys[0]
+    runtime.route(hidden)
+    assert runtime.routes["a"] == 0 and runtime.routes["c"] == -1
+    runtime.finish_requests(["a", "b", "c"])
+    assert runtime.routes == {}
+
+
+def test_no_step_metadata_means_no_routing():
+    runtime = make_runtime()
+    e = edit(0)
+    runtime.add_edit(e, e.keys)
+    runtime.tok_slot[:4] = 0
+    runtime.route(e.keys.repeat(4, 1))  # a dummy/profile forward
+    assert runtime.tok_slot[:4].tolist() == [-1] * 4 and runtime.routes == {}
+
+
+def test_capacity_and_validation_refuse_without_changing_anything():
+    runtime = make_runtime(max_edits=2, max_keys=3, max_rank=4)
+    runtime.add_edit(edit(0), edit(0).keys)
+    before = (runtime.list_edits(), runtime.key_owner.clone(), list(runtime.free_key_rows))
+    with pytest.raises(CapacityError, match="key rows"):
+        runtime.add_edit(edit(1, num_keys=3), edit(1, num_keys=3).keys)
+    with pytest.raises(CapacityError, match="max rank"):
+        runtime.add_edit(edit(2, rank=8), edit(2, rank=8).keys)
+    with pytest.raises(ValueError, match="base model"):
+        runtime.add_edit(edit(3, model_fingerprint="f" * 64), edit(3).keys)
+    with pytest.raises(ValueError, match="NaN"):
+        runtime.add_edit(edit(4), edit(4).keys * float("nan"))
+    with pytest.raises(ValueError, match="already loaded"):
+        runtime.add_edit(edit(0), edit(0).keys)
+    assert runtime.list_edits() == before[0]
+    assert torch.equal(runtime.key_owner, before[1]) and runtime.free_key_rows == before[2]
+    runtime.add_edit(edit(5), edit(5).keys)
+    with pytest.raises(CapacityError, match="edit slots"):
+        runtime.add_edit(edit(6), edit(6).keys)
+
+
+def test_register_is_idempotent():
+    from vllm import ModelRegistry
+
+    from sola_vllm.plugin import register
+
+    register()
+    register()
+    archs = set(ModelRegistry.get_supported_archs())
+    assert {"SolaLlamaForCausalLM", "SolaQwen2ForCausalLM", "SolaQwen3ForCausalLM",
+            "SolaGPT2LMHeadModel"} <= archs
