@@ -29,6 +29,44 @@ def _add_store(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--store", required=required, type=Path, help="edit store directory")
 
 
+def _add_store_or_server(p: argparse.ArgumentParser) -> None:
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--store", type=Path, help="edit store directory")
+    where.add_argument("--server", help="URL of a running `sola-vllm serve` (http://host:port)")
+
+
+def _add_push(edit) -> None:
+    push = edit.add_parser("push", help="send an edit to a running `sola-vllm serve`")
+    push.add_argument("--server", required=True, help="http://host:port of the server")
+    push.add_argument("--file", type=Path, help="edit artifact (from `edit export`)")
+    push.add_argument("--store", type=Path, help="push edit --id from this store")
+    push.add_argument("--id", default=None,
+                      help="with --store: the edit to push; with --prompt: the new edit's id")
+    push.add_argument("--prompt", action="append",
+                      help="train on the server: prompt to edit (repeatable)")
+    push.add_argument("--target", help="with --prompt: the answer the model should give")
+    push.add_argument("--author", default="", help="who made the change (journal)")
+    push.add_argument("--note", default="", help="free text for the journal")
+    _add_json(push)
+
+
+def _add_serve(sub) -> None:
+    serve = sub.add_parser(
+        "serve", allow_abbrev=False,
+        help="vLLM's OpenAI-compatible server with routed edits and /v1/sola/edits",
+        description="Other flags are passed to `vllm serve` unchanged (e.g. --dtype float32 "
+                    "--enforce-eager --max-model-len 2048).")
+    serve.add_argument("--store", type=Path, default=Path("sola-edits"),
+                       help="edit store directory (default: ./sola-edits; made on first push)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-edits", type=int, default=1024, help="edit slots (fixed at start)")
+    serve.add_argument("--max-keys", type=int, default=4096, help="key rows (fixed at start)")
+    serve.add_argument("--max-rank", type=int, default=8, help="largest LoRA rank accepted")
+    _add_model(serve)
+    _add_json(serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sola-vllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                          ("revoke", "stop routing to an edit (kept for audit)"),
                          ("restore", "route to a revoked edit again")):
         p = edit.add_parser(action, help=text)
-        _add_store(p)
+        if action == "show":
+            _add_store(p)
+        else:
+            _add_store_or_server(p)
         if action != "list":
             p.add_argument("id")
         _add_json(p)
@@ -75,12 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--note", default="")
     _add_json(imp)
 
+    _add_push(edit)
+    _add_serve(sub)
+
     gen = sub.add_parser("generate", help="greedy generation with the store's active edits")
     _add_store(gen, required=False)
     gen.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
     gen.add_argument("--max-tokens", type=int, default=32)
-    gen.add_argument("--engine", choices=["reference"], default="reference",
-                     help="reference = transformers ground truth (vllm: see the serving issue)")
+    gen.add_argument("--engine", choices=["reference", "vllm"], default="reference",
+                     help="reference: the transformers ground truth; vllm: vLLM with the plugin")
     _add_model(gen)
     _add_json(gen)
 
@@ -104,13 +148,19 @@ HANDLERS = {
     ("edit", "restore"): commands.edit_restore,
     ("edit", "export"): commands.edit_export,
     ("edit", "import"): commands.edit_import,
+    ("edit", "push"): commands.edit_push,
+    ("serve", None): commands.serve,
     ("generate", None): commands.generate,
     ("demo", None): commands.demo,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "serve":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.vllm_args = extra  # `serve` passes them to `vllm serve`
     handler = HANDLERS[(args.command, getattr(args, "action", None))]
     try:
         result = handler(args)

