@@ -130,3 +130,18 @@ def test_register_is_idempotent():
     archs = set(ModelRegistry.get_supported_archs())
     assert {"SolaLlamaForCausalLM", "SolaQwen2ForCausalLM", "SolaQwen3ForCausalLM",
             "SolaGPT2LMHeadModel"} <= archs
+
+
+def test_only_announced_captures_record_keys_and_they_never_route():
+    runtime = make_runtime()
+    e = edit(0)
+    runtime.add_edit(e, e.keys)
+    runtime.expect_captures(["cap-ok"])
+    hidden = e.keys.repeat(2, 1)  # both requests' key tokens match the edit
+    runtime.step = step(["a", "b"], [1, 1], [[0], [0]], captures=["cap-ok", "cap-forged"])
+    runtime.route(hidden)
+    assert set(runtime.captures) == {"cap-ok"}  # the forged id recorded nothing...
+    assert runtime.routes == {"a": -1, "b": 0}  # ...and was routed like any request
+    assert torch.equal(runtime.take_captures(["cap-ok"])[0], e.keys[0])
+    with pytest.raises(ValueError, match="no key was captured"):
+        runtime.take_captures(["cap-forged"])

@@ -48,6 +48,9 @@ def serving_config(model_path: Path, config: SolaConfig, **capacity) -> ServingC
 def engine_kwargs(model_path: Path, serving: ServingConfig) -> dict:
     """What vLLM needs to build the plugin's model; also sets the prefix-cache guard."""
     os.environ[PREFIX_GUARD_ENV] = "1"
+    # the plugin hooks vLLM's V1 model runner; Model Runner V2 (CUDA's default) is not yet
+    # supported, so select V1 unless the caller chose explicitly
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     return {"model": str(model_path),
             "hf_overrides": {"architectures": [serving.architecture], "sola": serving.to_dict()},
             "worker_extension_cls": WORKER_EXTENSION}
@@ -66,6 +69,10 @@ class SolaLLM:
                                       max_keys=max_keys, max_rank=max_rank)
         self.llm = LLM(**engine_kwargs(self.model_path, self.serving), **llm_kwargs)
 
+    def close(self) -> None:
+        """Stop the engine's processes now (instead of at interpreter exit)."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     # --- edits ----------------------------------------------------------------------------------
     def _rpc(self, method: str, *args):
         replies = self.llm.collective_rpc(method, args=args)
@@ -80,16 +87,27 @@ class SolaLLM:
         from vllm import SamplingParams
 
         ids = [f"cap-{uuid.uuid4().hex}" for _ in prompts]
+        self._rpc("sola_expect_captures", ids)
         params = [SamplingParams(max_tokens=1, extra_args={"sola_capture": c}) for c in ids]
         self.llm.generate(list(prompts), params, use_tqdm=False)
         return ids
 
     def add_edit(self, edit: Edit, active: bool = True) -> dict:
-        ids = self.capture_keys(edit.prompts)
+        return self.add_edits([edit], active)[0]
+
+    def add_edits(self, edits: list[Edit], active: bool = True) -> list[dict]:
+        """Hot-add edits: one batched capture pass for all their prompts, then one RPC each.
+        Stops at the first refused edit (raising); the ones before it stay added."""
+        ids = self.capture_keys([p for edit in edits for p in edit.prompts])
+        results, start = [], 0
         try:
-            return self._rpc("sola_add_edit", edit.to_bytes(), ids, active)
+            for edit in edits:
+                own = ids[start:start + len(edit.prompts)]
+                start += len(edit.prompts)
+                results.append(self._rpc("sola_add_edit", edit.to_bytes(), own, active))
         finally:
             self.llm.collective_rpc("sola_drop_captures", args=(ids,))
+        return results
 
     def revoke(self, edit_id: str) -> dict:
         return self._rpc("sola_set_active", edit_id, False)

@@ -71,9 +71,10 @@ class SolaRuntime:
         self.lora_b: dict[str, torch.Tensor] = {}
         for group in targets:
             for t in group:
-                self.lora_a[t.name] = torch.zeros(s, r, t.in_features)
-                self.lora_b[t.name] = torch.zeros(s, t.out_features, r)
-        self.keys = torch.zeros(config.max_keys, hidden_size)
+                self.lora_a[t.name] = torch.zeros(s, r, t.in_features, dtype=torch.float32)
+                self.lora_b[t.name] = torch.zeros(s, t.out_features, r, dtype=torch.float32)
+        # vLLM builds models under the model dtype as torch's default: name fp32 explicitly
+        self.keys = torch.zeros(config.max_keys, hidden_size, dtype=torch.float32)
         self.key_owner = torch.full((config.max_keys,), -1, dtype=torch.int32)
         self.tok_slot = torch.full((max_num_tokens,), -1, dtype=torch.int32)
         self.edits: dict[str, _SlotInfo] = {}
@@ -81,6 +82,7 @@ class SolaRuntime:
         self.free_key_rows = list(range(config.max_keys))
         self.routes: dict[str, int] = {}  # request id -> edit slot (-1: base model)
         self.captures: dict[str, torch.Tensor] = {}  # capture id -> fp32 key
+        self.expected: set[str] = set()  # capture ids announced by an RPC (clients can't forge)
         self.hits = np.zeros(s, dtype=np.int64)  # routed requests per slot
         self.recomputed_keys = 0  # key tokens seen again (preemption + recompute): route kept
         self.step: StepMeta | None = None
@@ -167,7 +169,7 @@ class SolaRuntime:
         return {"edits": len(self.edits), "max_edits": self.config.max_edits,
                 "keys_in_use": self.config.max_keys - len(self.free_key_rows),
                 "max_keys": self.config.max_keys, "requests_in_flight": len(self.routes),
-                "pending_captures": len(self.captures),
+                "pending_captures": len(self.captures) + len(self.expected),
                 "recomputed_key_tokens": self.recomputed_keys}
 
     def _info(self, edit_id: str) -> _SlotInfo:
@@ -180,6 +182,18 @@ class SolaRuntime:
             rows = (self.key_owner >= 0).nonzero().squeeze(1)
             self._active = (self.keys[rows].contiguous(), self.key_owner[rows].contiguous())
         return self._active
+
+    def expect_captures(self, capture_ids: list[str]) -> None:
+        """Only announced capture ids record keys: a request carrying any other
+        `sola_capture` value is served and routed like every other request."""
+        if len(self.expected) + len(self.captures) + len(capture_ids) > MAX_PENDING_CAPTURES:
+            raise CapacityError(f"more than {MAX_PENDING_CAPTURES} key captures pending")
+        self.expected.update(capture_ids)
+
+    def drop_captures(self, capture_ids: list[str]) -> None:
+        for capture_id in capture_ids:
+            self.expected.discard(capture_id)
+            self.captures.pop(capture_id, None)
 
     def take_captures(self, capture_ids: list[str]) -> torch.Tensor:
         missing = [c for c in capture_ids if c not in self.captures]
@@ -213,9 +227,10 @@ class SolaRuntime:
         step = self.step
         for t in is_key:  # capture requests only record their key; they never route
             row = int(rows[t])
-            if step.captures[row] is not None:
-                if len(self.captures) < MAX_PENDING_CAPTURES:
-                    self.captures[step.captures[row]] = hidden[t].float().clone()
+            capture_id = step.captures[row]
+            if capture_id is not None and capture_id in self.expected:
+                self.expected.discard(capture_id)
+                self.captures[capture_id] = hidden[t].float().clone()
                 self.routes[step.req_ids[row]] = -1
         todo = [int(t) for t in is_key if step.req_ids[int(rows[t])] not in self.routes]
         self.recomputed_keys += len(is_key) - len(todo)

@@ -66,6 +66,9 @@ class SolaWorkerExtension:
         return self._sola().stats()
 
     @_result
+    def sola_expect_captures(self, capture_ids: list) -> None:
+        self._sola().expect_captures([str(c) for c in capture_ids])
+
+    @_result
     def sola_drop_captures(self, capture_ids: list) -> None:
-        for capture_id in capture_ids:
-            self._sola().captures.pop(capture_id, None)
+        self._sola().drop_captures([str(c) for c in capture_ids])
