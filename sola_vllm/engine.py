@@ -59,6 +59,7 @@ class RoutedEngine:
         self.ctx = LoraContext()
         self.modules = install_routed_lora(model, shape, self.ctx)
         self.edits: dict[str, Edit] = {}
+        self.active: set[str] = set()  # the engine's own state; the Edit objects stay untouched
         self.table = KeyTable()
         self._pending: _Batch | None = None  # prefill: routes decided in the key-layer hook
         self._slots: torch.Tensor | None = None  # [B] decided routes (-1 = none)
@@ -122,6 +123,8 @@ class RoutedEngine:
         for name, (a, b) in edit.lora.items():
             self.modules[name].set_adapter(edit.id, a, b, float(edit.scale))
         self.edits[edit.id] = edit
+        if edit.state == "active":
+            self.active.add(edit.id)
         self._rebuild_table()
 
     def remove(self, edit_id: str) -> None:
@@ -129,15 +132,18 @@ class RoutedEngine:
         for module in self.modules.values():
             module.drop_adapter(edit_id)
         del self.edits[edit_id]
+        self.active.discard(edit_id)
         self._rebuild_table()
 
     def revoke(self, edit_id: str) -> None:
         """Remove the edit's keys from routing; its LoRA stays loaded for a later restore."""
-        self._get(edit_id).state = "revoked"
+        self._get(edit_id)
+        self.active.discard(edit_id)
         self._rebuild_table()
 
     def restore(self, edit_id: str) -> None:
-        self._get(edit_id).state = "active"
+        self._get(edit_id)
+        self.active.add(edit_id)
         self._rebuild_table()
 
     def _get(self, edit_id: str) -> Edit:
@@ -146,7 +152,7 @@ class RoutedEngine:
         return self.edits[edit_id]
 
     def _rebuild_table(self) -> None:
-        self.table = KeyTable.build([e for e in self.edits.values() if e.state == "active"])
+        self.table = KeyTable.build([e for e in self.edits.values() if e.id in self.active])
 
     # --- tokenization ---------------------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:
