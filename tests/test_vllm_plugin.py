@@ -45,9 +45,7 @@ def edits(default_engine):
 
 
 def _shutdown(llm) -> None:
-    engine = getattr(llm, "llm", llm)
-    engine.llm_engine.engine_core.shutdown()
-    del engine
+    getattr(llm, "llm", llm).llm_engine.engine_core.shutdown()
     gc.collect()
 
 
