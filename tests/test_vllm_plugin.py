@@ -49,28 +49,27 @@ def _shutdown(llm) -> None:
     gc.collect()
 
 
-@pytest.fixture(scope="module")
-def sola(edits):
+def _plugin_engine(edits, **options):
     from sola_vllm.serving.llm import SolaLLM
 
-    llm = SolaLLM(max_edits=8, max_keys=16, max_model_len=512, enable_chunked_prefill=True,
-                  max_num_batched_tokens=64, enable_prefix_caching=True, block_size=32,
-                  **ENGINE)
-    for edit in edits.values():
-        llm.add_edit(edit)
+    llm = SolaLLM(max_edits=8, max_keys=16, block_size=32, **options, **ENGINE)
+    llm.add_edits(list(edits.values()))
+    return llm
+
+
+@pytest.fixture(scope="module")
+def sola(edits):
+    llm = _plugin_engine(edits, max_model_len=512, enable_chunked_prefill=True,
+                         max_num_batched_tokens=64, enable_prefix_caching=True)
     yield llm
     _shutdown(llm)
 
 
 @pytest.fixture(scope="module")
 def strict(edits):
-    from sola_vllm.serving.llm import SolaLLM
-
-    llm = SolaLLM(max_edits=8, max_keys=16, max_model_len=192, enable_chunked_prefill=False,
-                  max_num_batched_tokens=192, enable_prefix_caching=False, block_size=32,
-                  num_gpu_blocks_override=8, **ENGINE)
-    for edit in edits.values():
-        llm.add_edit(edit)
+    llm = _plugin_engine(edits, max_model_len=192, enable_chunked_prefill=False,
+                         max_num_batched_tokens=192, enable_prefix_caching=False,
+                         num_gpu_blocks_override=8)
     yield llm
     _shutdown(llm)
 

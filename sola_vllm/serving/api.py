@@ -192,24 +192,23 @@ async def get_edit(edit_id: str, request: Request) -> Response:
     return await _reply(work())
 
 
-@router.delete("/v1/sola/edits/{edit_id}")
-async def revoke_edit(edit_id: str, request: Request) -> Response:
-    async def work() -> dict:
+async def _set_state(edit_id: str, request: Request, active: bool) -> Response:
+    async def work() -> dict:  # _manager may refuse: inside the work, so _reply answers it
         params = request.query_params
-        return await _manager(request).set_state(edit_id, False, params.get("author", ""),
+        return await _manager(request).set_state(edit_id, active, params.get("author", ""),
                                                  params.get("note", ""))
 
     return await _reply(work())
+
+
+@router.delete("/v1/sola/edits/{edit_id}")
+async def revoke_edit(edit_id: str, request: Request) -> Response:
+    return await _set_state(edit_id, request, active=False)
 
 
 @router.post("/v1/sola/edits/{edit_id}/restore")
 async def restore_edit(edit_id: str, request: Request) -> Response:
-    async def work() -> dict:
-        params = request.query_params
-        return await _manager(request).set_state(edit_id, True, params.get("author", ""),
-                                                 params.get("note", ""))
-
-    return await _reply(work())
+    return await _set_state(edit_id, request, active=True)
 
 
 # --- the plugin ---------------------------------------------------------------------------------

@@ -33,25 +33,18 @@ def init_sola(model, vllm_config) -> SolaRuntime:
     return runtime
 
 
-class SolaLlamaForCausalLM(LlamaForCausalLM):
+def _with_sola(base: type, name: str) -> type:
+    """`base` built and loaded exactly as vLLM does, then patched with SoLA routing."""
+
     def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        base.__init__(self, vllm_config=vllm_config, prefix=prefix)
         self.sola = init_sola(self, vllm_config)
 
-
-class SolaQwen2ForCausalLM(Qwen2ForCausalLM):
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.sola = init_sola(self, vllm_config)
+    return type(name, (base,), {"__init__": __init__, "__module__": __name__,
+                                "__qualname__": name})
 
 
-class SolaQwen3ForCausalLM(Qwen3ForCausalLM):
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.sola = init_sola(self, vllm_config)
-
-
-class SolaGPT2LMHeadModel(GPT2LMHeadModel):
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.sola = init_sola(self, vllm_config)
+SolaLlamaForCausalLM = _with_sola(LlamaForCausalLM, "SolaLlamaForCausalLM")
+SolaQwen2ForCausalLM = _with_sola(Qwen2ForCausalLM, "SolaQwen2ForCausalLM")
+SolaQwen3ForCausalLM = _with_sola(Qwen3ForCausalLM, "SolaQwen3ForCausalLM")
+SolaGPT2LMHeadModel = _with_sola(GPT2LMHeadModel, "SolaGPT2LMHeadModel")
