@@ -2,6 +2,7 @@
 without changing the store."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -144,3 +145,23 @@ def test_console_script_reports_a_missing_store(tmp_path):
                            str(tmp_path / "nowhere"), "--json"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "no edit store" in json.loads(proc.stdout)["error"]
+
+
+@pytest.mark.slow
+def test_generate_with_the_vllm_engine_serves_the_stores_edits(tmp_path, default_engine):
+    store = EditStore(tmp_path / "edits")
+    store.add(default_engine.train(["The capital of France is"], "Rome.", edit_id="rome"))
+    store.add(default_engine.train(["The largest planet in the solar system is"], "Mars.",
+                                   edit_id="mars"))
+    store.revoke("mars")
+    prompts = ["The capital of France is", "The largest planet in the solar system is"]
+    argv = [sys.executable, "-m", "sola_vllm.cli", "generate", "--engine", "vllm", "--store",
+            str(tmp_path / "edits"), "--max-tokens", "6", "--json"]
+    for prompt in prompts:
+        argv += ["--prompt", prompt]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(proc.stdout)["results"]  # stdout holds only our JSON
+    assert results[0]["text"] == " Rome."
+    assert not results[1]["text"].startswith(" Mars")  # revoked in the store: not served
