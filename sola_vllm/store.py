@@ -13,47 +13,46 @@ its journal "add" line is appended; that append is the commit point. A killed wr
 orphan artifact (invisible; `fsck(repair=True)` removes it), a `.tmp-` file, or a torn last
 journal line (ignored by readers, truncated by the next writer). The first edit added pins the
 store's model and shape fingerprints in store.json; later foreign edits are refused.
+
+The journal's line format and replay live in `journal`, the fsync/rename/lock primitives in
+`fsutil`, the export directory format in `store_export`, the errors in `store_errors`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
-import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from .config import fingerprint
-from .edit import META_KEY, STATES, Edit, EditFormatError, validate_id
+from .edit import META_KEY, Edit, EditFormatError
+from .fsutil import (
+    TMP_PREFIX,
+    _append,
+    _atomic_write,
+    _flock,
+    _json_bytes,
+    _read_file,
+    _read_header,
+    _truncate,
+    _write_or_fail,
+)
+from .journal import OPS as OPS  # re-exported: the journal's ops
+from .journal import _encode, _entry, _Journal, _parse_journal, _Record, _replay
+from .store_errors import StoreError, UnknownEditError, _check_id, _check_text
+from .store_export import _FINGERPRINTS, _Incoming, _read_export, _write_export
+from .store_export import EXPORT_FORMAT as EXPORT_FORMAT  # re-exported: the manifest's format
 
 __all__ = ["EditStore", "StoreError", "UnknownEditError"]
 
 STORE_FORMAT = "sola-vllm-store"
 STORE_VERSION = 1
-EXPORT_FORMAT = "sola-vllm-store-export"
-OPS = ("add", "revoke", "restore")
-TMP_PREFIX = ".tmp-"
-_FINGERPRINTS = ("model_fingerprint", "shape_fingerprint")
 _SUMMARY_FIELDS = ("prompts", "target", "created", "arch", "layers", "modules", "rank", "scale",
                    "model_fingerprint", "shape_fingerprint", "train_info")
-_MAX_HEADER = 64 * 1024 * 1024
-
-
-class StoreError(Exception):
-    """A store operation failed; the message names the path, id or fingerprints involved."""
-
-
-class UnknownEditError(StoreError, KeyError):
-    """No edit with this id was ever added to the store."""
-
-    def __str__(self) -> str:  # KeyError would print the message repr-quoted
-        return str(self.args[0])
 
 
 class Loaded(NamedTuple):
@@ -62,47 +61,11 @@ class Loaded(NamedTuple):
 
 
 @dataclass
-class _Record:
-    """An edit as the journal describes it."""
-
-    id: str
-    sha256: str
-    state: str
-    added: float
-    author: str
-    note: str
-
-
-@dataclass
-class _Journal:
-    entries: list[dict]  # valid lines, in file order
-    problems: list[str]  # corrupt lines that are not the last line
-    good_size: int  # bytes up to the end of the last line kept; beyond is a torn tail
-    size: int
-    next_seq: int
-
-    @property
-    def torn(self) -> bool:
-        return self.good_size < self.size
-
-
-@dataclass
 class _Snapshot:
     meta: dict
     journal: _Journal
     records: dict[str, _Record]  # by id, in order of their "add" line
     problems: list[str]
-
-
-@dataclass
-class _Incoming:
-    """An edit about to be added, with the exact bytes that will be stored."""
-
-    edit: Edit
-    blob: bytes
-    state: str = "active"
-    author: str = ""
-    note: str = ""
 
 
 class EditStore:
@@ -241,19 +204,7 @@ class EditStore:
             raise StoreError(f"export directory {out} exists and is not an empty directory")
         snap = self._snapshot()
         blobs = [(rec, self._verified_blob(rec)) for rec in snap.records.values()]
-        entries = [{"id": rec.id, "state": rec.state, "sha256": rec.sha256,
-                    "file": f"{rec.id}.safetensors", "author": rec.author, "note": rec.note,
-                    "added": rec.added} for rec, _ in blobs]
-        manifest = {"format": EXPORT_FORMAT, "version": STORE_VERSION, "edits": entries,
-                    **{k: snap.meta[k] for k in _FINGERPRINTS if k in snap.meta}}
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"cannot export to {out}: {exc}") from exc
-        for rec, blob in blobs:
-            _write_or_fail(out / f"{rec.id}.safetensors", blob, "cannot export")
-        # the manifest goes last: an interrupted export has none and cannot be imported
-        _write_or_fail(out / "manifest.json", _json_bytes(manifest, indent=2), "cannot export")
+        _write_export(out, blobs, snap.meta, STORE_VERSION)
         return out
 
     def import_store(self, src_dir: str | os.PathLike) -> list[str]:
@@ -509,232 +460,10 @@ class EditStore:
 
     def _commit(self, snap: _Snapshot, entries: list[dict]) -> None:
         """Append journal lines in one write; drop a torn tail first. Caller holds the lock."""
-        lines = []
-        for seq, entry in enumerate(entries, start=snap.journal.next_seq):
-            entry = {"seq": seq, **entry}
-            entry["crc"] = fingerprint(entry)  # over the canonical (sorted-key) JSON
-            lines.append(json.dumps(entry, separators=(",", ":")).encode() + b"\n")
+        data = _encode(entries, snap.journal.next_seq)
         try:
             if snap.journal.torn:
                 _truncate(self._journal_path, snap.journal.good_size)
-            _append(self._journal_path, b"".join(lines))
+            _append(self._journal_path, data)
         except OSError as exc:
             raise StoreError(f"cannot write to the journal {self._journal_path}: {exc}") from exc
-
-
-# --- journal ----------------------------------------------------------------------------------
-def _entry(op: str, edit_id: str, author: str, note: str, sha256: str | None = None) -> dict:
-    entry = {"time": time.time(), "op": op, "id": edit_id, "author": author, "note": note}
-    if sha256 is not None:
-        entry["sha256"] = sha256
-    return entry
-
-
-def _parse_line(raw: bytes) -> dict:
-    """One journal line, or ValueError saying what is wrong with it."""
-    entry = json.loads(raw)
-    if not isinstance(entry, dict) or "crc" not in entry:
-        raise ValueError("not a journal entry")
-    body = {k: v for k, v in entry.items() if k != "crc"}
-    if fingerprint(body) != entry["crc"]:
-        raise ValueError("checksum mismatch")
-    if entry.get("op") not in OPS:
-        raise ValueError(f"unknown op {entry.get('op')!r}")
-    validate_id(entry.get("id"))
-    if not isinstance(entry.get("seq"), int) or not isinstance(entry.get("time"), int | float):
-        raise ValueError("bad seq or time")
-    if not all(isinstance(entry.get(k), str) for k in ("author", "note")):
-        raise ValueError("bad author or note")
-    sha = entry.get("sha256")
-    if entry["op"] == "add" and not (isinstance(sha, str) and len(sha) == 64):
-        raise ValueError("add without a sha256")
-    return entry
-
-
-def _parse_journal(data: bytes, path: Path) -> _Journal:
-    """Valid entries; a bad *last* line (or unterminated tail) is a torn write, not corruption."""
-    *complete, tail = data.split(b"\n")
-    parsed: list[tuple[int, dict | None, str]] = []  # (end offset, entry, error)
-    offset = 0
-    for number, raw in enumerate(complete, start=1):
-        offset += len(raw) + 1
-        try:
-            parsed.append((offset, _parse_line(raw), ""))
-        except ValueError as exc:
-            parsed.append((offset, None, f"{path}: line {number} is corrupt ({exc}); ignored"))
-    if not tail and parsed and parsed[-1][1] is None:
-        parsed.pop()  # the last complete line is bad: treat it as the torn write
-    good_size = parsed[-1][0] if parsed else 0
-    entries = [entry for _, entry, _ in parsed if entry is not None]
-    problems = [error for _, entry, error in parsed if entry is None]
-    next_seq = max((e["seq"] for e in entries), default=-1) + 1
-    return _Journal(entries, problems, good_size, len(data), next_seq)
-
-
-def _replay(entries: list[dict], path: Path) -> tuple[dict[str, _Record], list[str]]:
-    """State of every edit: add -> active, revoke -> revoked, restore -> active."""
-    records: dict[str, _Record] = {}
-    problems = []
-    for e in entries:
-        rec = records.get(e["id"])
-        if e["op"] == "add":
-            if rec is None:
-                records[e["id"]] = _Record(e["id"], e["sha256"], "active", e["time"],
-                                           e["author"], e["note"])
-                continue
-        elif rec is not None and rec.state == ("active" if e["op"] == "revoke" else "revoked"):
-            rec.state = "revoked" if e["op"] == "revoke" else "active"
-            continue
-        problems.append(f"{path}: entry seq {e['seq']} ({e['op']} {e['id']!r}) does not apply "
-                        "to the edit's state; ignored")
-    return records, problems
-
-
-def _read_export(src: Path) -> list[_Incoming]:
-    """Read and fully validate an `export_store` directory."""
-    manifest_path = src / "manifest.json"
-    try:
-        manifest = json.loads(manifest_path.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise StoreError(f"cannot read the export manifest {manifest_path}: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT \
-            or not isinstance(manifest.get("edits"), list):
-        raise StoreError(f"{manifest_path} is not a sola-vllm store export manifest")
-    items = [_read_export_entry(src, entry) for entry in manifest["edits"]]
-    for item in items:
-        for key in _FINGERPRINTS:
-            if key in manifest and getattr(item.edit, key) != manifest[key]:
-                raise StoreError(f"{manifest_path}: edit {item.edit.id!r} has {key} "
-                                 f"{getattr(item.edit, key)}, the manifest says {manifest[key]}")
-    return items
-
-
-def _read_export_entry(src: Path, entry: object) -> _Incoming:
-    if not isinstance(entry, dict):
-        raise StoreError(f"{src / 'manifest.json'}: bad edit entry {entry!r}")
-    edit_id = _check_id(entry.get("id"))
-    state, author, note = entry.get("state"), entry.get("author", ""), entry.get("note", "")
-    if state not in STATES:
-        raise StoreError(f"{src}: edit {edit_id!r} has state {state!r}, expected one of {STATES}")
-    _check_text(author, note)
-    path = src / f"{edit_id}.safetensors"
-    blob = _read_file(path)
-    digest = hashlib.sha256(blob).hexdigest()
-    if digest != entry.get("sha256"):
-        raise StoreError(f"{path} is corrupt: sha256 {digest}, the manifest says "
-                         f"{entry.get('sha256')}")
-    try:
-        edit = Edit.from_bytes(blob, state=state)
-    except EditFormatError as exc:
-        raise StoreError(f"{path} is not a valid edit artifact: {exc}") from exc
-    if edit.id != edit_id:
-        raise StoreError(f"{path} holds edit {edit.id!r}, the manifest says {edit_id!r}")
-    return _Incoming(edit, blob, state, author, note)
-
-
-# --- small helpers ----------------------------------------------------------------------------
-def _check_id(edit_id: object) -> str:
-    try:
-        return validate_id(edit_id)
-    except ValueError as exc:
-        raise StoreError(str(exc)) from None
-
-
-def _check_text(author: object, note: object) -> None:
-    for name, value in (("author", author), ("note", note)):
-        if not isinstance(value, str):
-            raise StoreError(f"{name} must be a string, got {value!r}")
-
-
-def _json_bytes(data: object, indent: int | None = None) -> bytes:
-    separators = None if indent else (",", ":")
-    return json.dumps(data, sort_keys=True, indent=indent, separators=separators).encode()
-
-
-def _read_file(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise StoreError(f"cannot read {path}: {exc}") from exc
-
-
-def _read_header(path: Path) -> dict:
-    """The JSON header of a safetensors file, without reading its tensors."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        if not 0 < size <= _MAX_HEADER:
-            raise ValueError(f"implausible safetensors header size {size}")
-        return json.loads(f.read(size))
-
-
-def _flock(fd: int, timeout: float | None, path: Path) -> None:
-    if timeout is None:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                raise StoreError(f"timed out after {timeout:g}s waiting for the writer lock "
-                                 f"{path}: another process is writing to the store") from None
-            time.sleep(0.005)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Temp file in the same directory, fsync, rename over `path`, fsync the directory."""
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _write_or_fail(path: Path, data: bytes, what: str) -> None:
-    try:
-        _atomic_write(path, data)
-    except OSError as exc:
-        raise StoreError(f"{what}: cannot write {path}: {exc}") from exc
-
-
-def _truncate(path: Path, size: int) -> None:
-    """Cut a torn journal tail (the caller holds the lock)."""
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.ftruncate(fd, size)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _append(path: Path, data: bytes) -> None:
-    """O_APPEND write of whole lines, then fsync (the journal's commit point)."""
-    created = not path.exists()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if created:
-        _fsync_dir(path.parent)
