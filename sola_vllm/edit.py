@@ -146,6 +146,19 @@ class Edit:
         return meta
 
 
+def mismatch(edit: Edit, model_fingerprint: str, shape_fingerprint: str, layers, modules,
+             here: str) -> str | None:
+    """Why `edit` cannot serve where the base model and layer set are the given ones (`here`
+    names that place in the message), or None when it fits."""
+    if edit.model_fingerprint != model_fingerprint:
+        return (f"edit {edit.id} was trained on base model {edit.model_fingerprint[:12]}..., "
+                f"{here} serves {model_fingerprint[:12]}...")
+    if edit.shape_fingerprint != shape_fingerprint:
+        return (f"edit {edit.id} edits layers {edit.layers} modules {edit.modules}; {here} "
+                f"edits layers {list(layers)} modules {list(modules)}")
+    return None
+
+
 def lora_name(layer: int, module: str) -> str:
     return f"{layer}.{module}"
 

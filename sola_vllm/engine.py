@@ -17,7 +17,7 @@ from sola_vllm.kernels.nearest_key import nearest_key_ref
 
 from .arch import ARCHS, EditShape, resolve
 from .config import RouterConfig, SolaConfig
-from .edit import Edit
+from .edit import Edit, mismatch
 from .lora import LoraContext, apply_indices, install_routed_lora
 from .routing import KeyTable
 
@@ -103,15 +103,11 @@ class RoutedEngine:
 
     # --- edits ----------------------------------------------------------------------------------
     def check_compatible(self, edit: Edit) -> None:
-        if edit.model_fingerprint != self.model_fingerprint:
-            raise EditMismatchError(
-                f"edit {edit.id} was trained on base model {edit.model_fingerprint[:12]}..., "
-                f"this engine serves {self.model_fingerprint[:12]}...")
-        if edit.shape_fingerprint != self.shape.fingerprint():
-            raise EditMismatchError(
-                f"edit {edit.id} edits layers {edit.layers} modules {edit.modules} ({edit.arch}); "
-                f"this engine edits layers {list(self.shape.layers)} modules "
-                f"{list(self.shape.modules)} ({self.shape.arch})")
+        shape = self.shape
+        problem = mismatch(edit, self.model_fingerprint, shape.fingerprint(), shape.layers,
+                           shape.modules, "this engine")
+        if problem:
+            raise EditMismatchError(problem)
 
     def add(self, edit: Edit) -> None:
         if edit.id in self.edits:

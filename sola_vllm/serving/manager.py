@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import SolaConfig
-from ..edit import Edit, validate_id
+from ..edit import Edit, mismatch, validate_id
 from ..store import EditStore, StoreError, UnknownEditError
 from .config import ServingConfig
 
@@ -70,14 +70,10 @@ class Settings:
 
 def check_fits(edit: Edit, serving: ServingConfig) -> None:
     """Refuse an edit made for another base model or layer set, or too large a rank."""
-    if edit.model_fingerprint != serving.model_fingerprint:
-        raise RequestError(422, "edit_mismatch", f"edit {edit.id} was trained on base model "
-                           f"{edit.model_fingerprint[:12]}..., this server runs "
-                           f"{serving.model_fingerprint[:12]}...")
-    if edit.shape_fingerprint != serving.shape_fingerprint:
-        raise RequestError(422, "edit_mismatch", f"edit {edit.id} edits layers {edit.layers} "
-                           f"modules {edit.modules}; this server edits layers "
-                           f"{list(serving.layers)} modules {list(serving.modules)}")
+    problem = mismatch(edit, serving.model_fingerprint, serving.shape_fingerprint,
+                       serving.layers, serving.modules, "this server")
+    if problem:
+        raise RequestError(422, "edit_mismatch", problem)
     if edit.rank > serving.max_rank:
         raise RequestError(422, "capacity_exceeded", f"edit {edit.id} has rank {edit.rank}; "
                            f"this server's max rank is {serving.max_rank}")

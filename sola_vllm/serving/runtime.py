@@ -17,7 +17,7 @@ import torch
 
 from sola_vllm.kernels.nearest_key import nearest_key_ref
 
-from ..edit import Edit
+from ..edit import Edit, mismatch
 from .config import ServingConfig
 
 UNDECIDED = -2
@@ -92,14 +92,10 @@ class SolaRuntime:
     def check_edit(self, edit: Edit, keys: torch.Tensor) -> None:
         """Every reason to refuse an edit, checked before anything changes."""
         cfg = self.config
-        if edit.model_fingerprint != cfg.model_fingerprint:
-            raise ValueError(f"edit {edit.id} was trained on base model "
-                             f"{edit.model_fingerprint[:12]}..., this server runs "
-                             f"{cfg.model_fingerprint[:12]}...")
-        if edit.shape_fingerprint != cfg.shape_fingerprint:
-            raise ValueError(f"edit {edit.id} edits layers {edit.layers} modules {edit.modules}; "
-                             f"this server edits layers {list(cfg.layers)} modules "
-                             f"{list(cfg.modules)}")
+        problem = mismatch(edit, cfg.model_fingerprint, cfg.shape_fingerprint, cfg.layers,
+                           cfg.modules, "this server")
+        if problem:
+            raise ValueError(problem)
         if edit.id in self.edits:
             raise ValueError(f"edit {edit.id} is already loaded")
         if edit.rank > cfg.max_rank:
