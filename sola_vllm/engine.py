@@ -78,9 +78,8 @@ class RoutedEngine:
         config = config or SolaConfig()
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        hf = model.config
-        num_layers = getattr(hf, "num_hidden_layers", None) or hf.n_layer
-        shape = resolve(config.edit, hf.model_type, num_layers)
+        hf = model.config  # GPT2Config maps num_hidden_layers / hidden_size / ... itself
+        shape = resolve(config.edit, hf.model_type, hf.num_hidden_layers)
         return cls(model, tokenizer, shape, config.router, model_fingerprint(path), config)
 
     @property
@@ -93,13 +92,11 @@ class RoutedEngine:
 
     @property
     def hidden_size(self) -> int:
-        hf = self.model.config
-        return getattr(hf, "hidden_size", None) or hf.n_embd
+        return self.model.config.hidden_size
 
     @property
     def max_positions(self) -> int:
-        hf = self.model.config
-        return getattr(hf, "max_position_embeddings", None) or hf.n_positions
+        return self.model.config.max_position_embeddings
 
     # --- edits ----------------------------------------------------------------------------------
     def check_compatible(self, edit: Edit) -> None:

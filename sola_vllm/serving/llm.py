@@ -38,8 +38,7 @@ def serving_config(model_path: Path, config: SolaConfig, **capacity) -> ServingC
     from ..models import model_fingerprint
 
     hf = AutoConfig.from_pretrained(model_path)
-    num_layers = getattr(hf, "num_hidden_layers", None) or hf.n_layer
-    shape = resolve(config.edit, hf.model_type, num_layers)
+    shape = resolve(config.edit, hf.model_type, hf.num_hidden_layers)
     return ServingConfig.from_shape(shape, hf.model_type, model_fingerprint(model_path),
                                     metric=config.router.metric,
                                     threshold=config.router.threshold, **capacity)
