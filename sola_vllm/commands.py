@@ -29,14 +29,16 @@ def load_config(path: Path | None) -> SolaConfig:
 
 
 def config_for_store(config: SolaConfig, store: EditStore | None) -> SolaConfig:
-    """Serve a store with the layer set its edits were trained on."""
-    edits = store.all() if store is not None and (store.path / "store.json").exists() else []
-    if not edits:
+    """Serve a store with the layer set its edits were trained on (read from the artifact
+    headers, without loading the tensors)."""
+    if store is None or not store.exists():
         return config
-    first = edits[0]
-    edit = EditConfig(layers=tuple(first.layers), modules=tuple(first.modules),
-                      rank=config.edit.rank, scale=config.edit.scale)
-    return SolaConfig(edit=edit, router=config.router, train=config.train)
+    for summary in store.list():
+        if "layers" in summary and "modules" in summary:
+            edit = EditConfig(layers=tuple(summary["layers"]), modules=tuple(summary["modules"]),
+                              rank=config.edit.rank, scale=config.edit.scale)
+            return SolaConfig(edit=edit, router=config.router, train=config.train)
+    return config
 
 
 def open_engine(model: str | None, config: SolaConfig, store: EditStore | None = None,
@@ -45,7 +47,7 @@ def open_engine(model: str | None, config: SolaConfig, store: EditStore | None =
 
     _say(progress, "loading the base model ...")
     engine = RoutedEngine.from_pretrained(model, config_for_store(config, store))
-    if store is not None and (store.path / "store.json").exists():
+    if store is not None and store.exists():
         for problem in store.problems():
             _say(True, f"warning: {problem}")
         for edit in store.all():
@@ -73,9 +75,10 @@ def _say(progress: bool, message: str) -> None:
 
 
 def _existing_store(path: Path) -> EditStore:
-    if not (Path(path) / "store.json").exists():
+    store = EditStore(path)
+    if not store.exists():
         raise StoreError(f"no edit store at {path} (train an edit into it first)")
-    return EditStore(path)
+    return store
 
 
 def _edit_line(summary: dict) -> str:

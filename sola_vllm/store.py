@@ -214,6 +214,10 @@ class EditStore:
         self._add_all(items)
         return [item.edit.id for item in items]
 
+    def exists(self) -> bool:
+        """Whether a store has been created here (by `create` or a first write)."""
+        return self._meta_path.exists()
+
     # --- paths --------------------------------------------------------------------------------
     @property
     def _meta_path(self) -> Path:

@@ -190,7 +190,7 @@ class EditManager:
             raise _store_error(exc) from exc
 
     def _has_store(self) -> bool:
-        return (self.store.path / "store.json").exists()
+        return self.store.exists()
 
     async def exists(self, edit_id: str) -> bool:
         if not self._has_store():

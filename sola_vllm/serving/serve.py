@@ -27,7 +27,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..config import EditConfig, SolaConfig
+from ..config import SolaConfig
 from ..store import EditStore
 from .config import ServingConfig
 from .llm import engine_kwargs, serving_config
@@ -50,20 +50,8 @@ def check_passthrough(extra: list[str]) -> None:
         raise ValueError(f"unexpected argument {extra[0]!r}: give the model with --model")
 
 
-def config_for_store(config: SolaConfig, store: EditStore) -> SolaConfig:
-    """Serve the store with the layer set of its edits (read from the artifact headers)."""
-    if not (store.path / "store.json").exists():
-        return config
-    for summary in store.list():
-        if "layers" in summary and "modules" in summary:
-            edit = EditConfig(layers=tuple(summary["layers"]), modules=tuple(summary["modules"]),
-                              rank=config.edit.rank, scale=config.edit.scale)
-            return SolaConfig(edit=edit, router=config.router, train=config.train)
-    return config
-
-
 def check_store(store: EditStore, serving: ServingConfig) -> None:
-    if not (store.path / "store.json").exists():
+    if not store.exists():
         return
     pins = store.info()
     for key in ("model_fingerprint", "shape_fingerprint"):
@@ -104,7 +92,7 @@ def prepare(args, extra: list[str]) -> tuple[list[str], dict]:
     """The command line and environment that `serve` execs (also used by the tests)."""
     import torch
 
-    from ..commands import load_config
+    from ..commands import config_for_store, load_config
     from ..models import resolve_model
 
     check_passthrough(extra)
