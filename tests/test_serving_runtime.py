@@ -49,7 +49,7 @@ def test_grouped_apply_matches_a_per_token_loop(popularity):
              "none": torch.full((num_tokens,), -1),
              "mixed": torch.where(torch.arange(num_tokens) % 3 == 0, -1,
                                   torch.arange(num_tokens) % 3)}[popularity].int()
-    runtime.tok_slot[:num_tokens] = slots
+    runtime.set_token_slots(slots)
     x = torch.randn(num_tokens, HIDDEN)
     base = torch.randn(num_tokens, 2 * INTER)  # a gate_up_proj output
     y = base.clone()

@@ -86,6 +86,8 @@ class SolaRuntime:
         self.hits = np.zeros(s, dtype=np.int64)  # routed requests per slot
         self.recomputed_keys = 0  # key tokens seen again (preemption + recompute): route kept
         self.step: StepMeta | None = None
+        self._groups: list[tuple[int, torch.Tensor]] = []  # (slot, token indices), this forward
+        self._grouped_tokens = 0
         self._active: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # --- edits ----------------------------------------------------------------------------------
@@ -208,19 +210,33 @@ class SolaRuntime:
         writes each token's edit slot (-1 = none) into `tok_slot[:T]`."""
         num_tokens = hidden.shape[0]
         step = self.step
-        self.tok_slot[:num_tokens] = -1
-        if step is None or step.num_tokens > num_tokens:  # dummy/profile run: no routing
-            return
-        rows, pos = step.tok_row, step.tok_pos
-        key_pos = step.row_prompt_len[rows] - 1  # [T]
-        is_key = np.flatnonzero(pos == key_pos)
-        self._decide(hidden, is_key, rows)
-        row_slot = np.array([self.routes.get(r, -1) for r in step.req_ids], dtype=np.int64)
-        tok = np.where(pos >= key_pos, row_slot[rows], -1)
-        self.tok_slot[: step.num_tokens] = torch.from_numpy(tok)
+        slots = torch.full((num_tokens,), -1, dtype=torch.int32)
+        if step is not None and step.num_tokens <= num_tokens:  # else dummy/profile: no routing
+            rows, pos = step.tok_row, step.tok_pos
+            key_pos = step.row_prompt_len[rows] - 1  # [T]
+            self._decide(hidden, np.flatnonzero(pos == key_pos), rows)
+            row_slot = np.array([self.routes.get(r, -1) for r in step.req_ids], dtype=np.int64)
+            slots[: step.num_tokens] = torch.from_numpy(np.where(pos >= key_pos,
+                                                                 row_slot[rows], -1))
+        self.set_token_slots(slots)
+
+    def set_token_slots(self, slots: torch.Tensor) -> None:
+        """Write each token's edit slot (int32 [T], -1 = none) and group the routed tokens by
+        edit once per forward: every edited linear of the forward reuses the groups."""
+        num_tokens = slots.shape[0]
+        if num_tokens > self.tok_slot.shape[0]:
+            raise RuntimeError(f"{num_tokens} tokens in one forward; the buffer holds "
+                               f"{self.tok_slot.shape[0]}")
+        self.tok_slot[:num_tokens] = slots
+        routed = slots >= 0
+        self._groups = [(slot, (slots == slot).nonzero().squeeze(1))
+                        for slot in torch.unique(slots[routed]).tolist()]
+        self._grouped_tokens = num_tokens
 
     def _decide(self, hidden: torch.Tensor, is_key: np.ndarray, rows: np.ndarray) -> None:
         step = self.step
+        # key tokens of requests routed in an earlier step: recomputed after preemption
+        self.recomputed_keys += sum(step.req_ids[int(rows[t])] in self.routes for t in is_key)
         for t in is_key:  # capture requests only record their key; they never route
             row = int(rows[t])
             capture_id = step.captures[row]
@@ -229,7 +245,6 @@ class SolaRuntime:
                 self.captures[capture_id] = hidden[t].float().clone()
                 self.routes[step.req_ids[row]] = -1
         todo = [int(t) for t in is_key if step.req_ids[int(rows[t])] not in self.routes]
-        self.recomputed_keys += len(is_key) - len(todo)
         if not todo:
             return
         keys, owners = self.active_keys()
@@ -243,14 +258,12 @@ class SolaRuntime:
 
     def apply(self, group: int, y: torch.Tensor, x: torch.Tensor) -> None:
         """y: [T, out] base output of linear `group` (updated in place), x: [T, in] its input.
-        Adds each routed token's LoRA delta, one matmul pair per distinct edit in the batch;
-        tokens with slot -1 are never written."""
-        tok_slot = self.tok_slot[: y.shape[0]]
-        routed = tok_slot >= 0
-        if not bool(routed.any()):
-            return
-        for slot in torch.unique(tok_slot[routed]).tolist():
-            idx = (tok_slot == slot).nonzero().squeeze(1)
+        Adds each routed token's LoRA delta, one matmul pair per distinct edit in the batch
+        (the groups `route` made for this forward); tokens with slot -1 are never written."""
+        if y.shape[0] != self._grouped_tokens:
+            raise RuntimeError(f"the router saw {self._grouped_tokens} tokens in this forward, "
+                               f"an edited linear {y.shape[0]}")
+        for slot, idx in self._groups:
             info = self.edits[self.slot_edit[slot]]
             xs = x[idx].float()  # [n, in]
             for t in self.targets[group]:
