@@ -48,9 +48,10 @@ def open_engine(model: str | None, config: SolaConfig, store: EditStore | None =
     _say(progress, "loading the base model ...")
     engine = RoutedEngine.from_pretrained(model, config_for_store(config, store))
     if store is not None and store.exists():
-        for problem in store.problems():
+        loaded = store.load()  # one pass: verified edits and problems
+        for problem in loaded.problems:
             _say(True, f"warning: {problem}")
-        for edit in store.all():
+        for edit in loaded.edits:
             engine.add(edit)
     return engine
 
