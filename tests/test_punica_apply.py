@@ -360,7 +360,7 @@ def test_apply_matches_the_cpu_runtime(interpreted_ops):
     dtype, num_tokens = torch.float16, 33
     runtime, stacks, groups = make_runtime_and_stacks(dtype)
     tok = torch.tensor([-1, 0, 1, 2])[torch.arange(num_tokens) % 4].int()
-    runtime.tok_slot[:num_tokens] = tok
+    runtime.set_token_slots(tok)
     meta_args = PunicaMeta(64, MAX_SEGMENTS, DEVICE).build(tok.to(DEVICE))
     for group, targets in enumerate(groups):
         in_features = targets[0].in_features
