@@ -128,6 +128,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(gen)
     _add_json(gen)
 
+    cal = sub.add_parser("calibrate",
+                         help="distance distributions and a suggested routing threshold")
+    _add_store(cal)
+    cal.add_argument("--probes", required=True, type=Path,
+                     help='JSON list or JSONL of {"prompt": str, "edit": id or null} (or strings)')
+    cal.add_argument("--keep", type=float, default=0.99,
+                     help="share of negatives that must stay unrouted (default 0.99)")
+    cal.add_argument("--out", type=Path, default=None,
+                     help="also write calibration.json (and calibration.png) here")
+    _add_model(cal)
+    _add_json(cal)
+
+    from .eval.command import add_parser as add_eval_parser
+
+    add_eval_parser(sub, _add_model, _add_json)
+
     demo = sub.add_parser("demo", help="train an edit, show it, revoke it, show the original")
     _add_model(demo)
     demo.add_argument("--store", type=Path, default=None,
@@ -151,6 +167,8 @@ HANDLERS = {
     ("edit", "push"): commands.edit_push,
     ("serve", None): commands.serve,
     ("generate", None): commands.generate,
+    ("calibrate", None): commands.calibrate,
+    ("eval", None): commands.evaluate,
     ("demo", None): commands.demo,
 }
 

@@ -275,6 +275,29 @@ def _generate_vllm(args, config: SolaConfig, store: EditStore | None) -> list[di
             for p, c in zip(args.prompt, completions, strict=True)]
 
 
+def calibrate(args) -> dict:
+    """Distance distributions and a suggested routing threshold for a store and probe set."""
+    from .eval import calibrate as cal
+
+    cal.check_keep(args.keep)
+    store = _existing_store(args.store)
+    active = [s["id"] for s in store.list() if s["state"] == "active" and "problem" not in s]
+    probes = cal.load_probes(args.probes, active)  # checked before the model loads
+    engine = open_engine(args.model, load_config(args.config), store, progress=not args.json)
+    report = {"store": str(args.store), "probes_file": str(args.probes),
+              **cal.calibrate(engine, probes, keep=args.keep)}
+    if args.out is not None:
+        cal.write_outputs(report, args.out)
+    return {**report, "text": cal.format_text(report)}
+
+
+def evaluate(args) -> dict:
+    """Edit quality on benchmark data (see `sola_vllm.eval.harness`)."""
+    from .eval.command import eval_command
+
+    return eval_command(args, load_config)
+
+
 def demo(args) -> dict:
     """Train an edit on the default model, show the edited answer, revoke it, show the original."""
     tmp = None

@@ -107,6 +107,16 @@ class RoutedEngine:
             raise EditMismatchError(problem)
 
     def add(self, edit: Edit) -> None:
+        self._load(edit)
+        self._rebuild_table()
+
+    def add_all(self, edits: list[Edit]) -> None:
+        """`add` for many edits, with one routing-table rebuild at the end."""
+        for edit in edits:
+            self._load(edit)
+        self._rebuild_table()
+
+    def _load(self, edit: Edit) -> None:
         if edit.id in self.edits:
             raise ValueError(f"edit {edit.id} is already loaded")
         self.check_compatible(edit)
@@ -118,7 +128,6 @@ class RoutedEngine:
         self.edits[edit.id] = edit
         if edit.state == "active":
             self.active.add(edit.id)
-        self._rebuild_table()
 
     def remove(self, edit_id: str) -> None:
         self._get(edit_id)
@@ -137,6 +146,15 @@ class RoutedEngine:
     def restore(self, edit_id: str) -> None:
         self._get(edit_id)
         self.active.add(edit_id)
+        self._rebuild_table()
+
+    def set_active(self, edit_ids) -> None:
+        """Route to exactly these loaded edits (one table rebuild for many changes)."""
+        edit_ids = set(edit_ids)
+        unknown = sorted(edit_ids - self.edits.keys())
+        if unknown:
+            raise KeyError(f"edits {unknown[:5]} are not loaded")
+        self.active = edit_ids
         self._rebuild_table()
 
     def _get(self, edit_id: str) -> Edit:
@@ -178,6 +196,31 @@ class RoutedEngine:
         slot, dist, _ = nearest_key_ref(queries.float(), self.table.keys, self.table.owners,
                                         self.router.threshold, self.router.metric)
         return slot.long(), dist
+
+    @torch.inference_mode()
+    def key_queries(self, prompts: list[str]) -> torch.Tensor:
+        """The routing query of each prompt: fp32 [B, H], the residual entering the first edited
+        layer at its last token (what routing compares with the stored keys)."""
+        from .train import residual_at_key_layer
+
+        batch = self._batch(prompts)
+        position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
+        hidden = residual_at_key_layer(self, batch.input_ids, batch.attention_mask, position_ids)
+        return hidden[torch.arange(len(prompts)), batch.key_pos].float()
+
+    def nearest(self, prompts: list[str] | None = None,
+                queries: torch.Tensor | None = None) -> list[Route]:
+        """Each prompt's nearest active key, whatever its distance (no threshold): the edit that
+        owns it (None when no edit is active) and the distance. For calibrating thresholds.
+        `queries` (from `key_queries`) may be given instead of the prompts."""
+        if queries is None:
+            queries = self.key_queries(prompts)
+        if len(self.table) == 0:
+            return [Route(None, float("inf")) for _ in range(queries.shape[0])]
+        slot, dist, _ = nearest_key_ref(queries, self.table.keys, self.table.owners,
+                                        float("inf"), self.router.metric)
+        return [Route(self.table.edit_ids[s], float(d))
+                for s, d in zip(slot.tolist(), dist.tolist(), strict=True)]
 
     def _key_layer_hook(self, module, args, kwargs):
         if self._apply_mask is None:  # a plain forward outside the engine: no routing
@@ -224,6 +267,27 @@ class RoutedEngine:
         """Next-token logits after each prompt, fp32 [B, vocab], and each prompt's route."""
         logits, _, routes = self.forward_logits(prompts)
         return logits[:, -1], routes
+
+    @torch.inference_mode()
+    def teacher_forced(self, prompts: list[str],
+                       targets: list[list[int]]) -> tuple[list[list[int]], list[Route]]:
+        """Feed each prompt followed by its target token ids in one routed forward (the route is
+        decided at the prompt's last token, the LoRA applied from there on, as in decoding).
+        -> per row the argmax prediction for each target position, and each row's route."""
+        if len(prompts) != len(targets) or not prompts:
+            raise ValueError("need one target per prompt, and at least one prompt")
+        seqs = [self.encode(p) + list(t) for p, t in zip(prompts, targets, strict=True)]
+        width = max(len(s) for s in seqs)
+        pad = self.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+        key_pos = torch.tensor([width - len(t) - 1 for t in targets])  # last prompt token
+        out = self._prefill(_Batch(ids, mask, key_pos))
+        predicted = []
+        for row, t in enumerate(targets):
+            cols = torch.arange(len(t)) + key_pos[row]
+            predicted.append(out.logits[row, cols].argmax(-1).tolist())
+        return predicted, self.routes()
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], max_new_tokens: int = 32) -> list[Generation]:

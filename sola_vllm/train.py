@@ -159,6 +159,8 @@ def _fit(engine, batch, lora, config: TrainConfig, on_step: Callable | None) -> 
     slots = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long)
     engine.ctx.plan = [(_TRAIN_ID, apply_indices(slots, batch["apply_mask"])[0])]
     opt = _optimizer(config, [t for pair in lora.values() for t in pair])
+    schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.steps)
+                if config.schedule == "cosine" else None)
     lm_head = engine.model.get_output_embeddings()
     info = {"steps": 0, "loss": float("nan"), "fit": False}
     try:
@@ -177,6 +179,8 @@ def _fit(engine, batch, lora, config: TrainConfig, on_step: Callable | None) -> 
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if schedule is not None:
+                    schedule.step()
     finally:
         engine.ctx.plan = []
         for module in engine.modules.values():

@@ -20,6 +20,7 @@ from sola_vllm.config import EditConfig, RouterConfig, SolaConfig, TrainConfig
     (lambda: TrainConfig(steps=0), "0"),
     (lambda: TrainConfig(lr=-1.0), "-1.0"),
     (lambda: TrainConfig(optimizer="lion"), "lion"),
+    (lambda: TrainConfig(schedule="linear"), "linear"),
     (lambda: TrainConfig(seed="7"), "'7'"),
 ])
 def test_invalid_values_are_named(make, named):

@@ -116,3 +116,41 @@ def test_several_phrasings_each_become_a_key(fresh_edits):
     for got in engine.generate(prompts, max_new_tokens=6):
         assert got.route.edit_id == "milan"
         assert got.text == " Milan."
+
+
+def test_teacher_forcing_agrees_with_greedy_decoding(fresh_edits, edit_rome):
+    """The evaluation's teacher-forced pass routes at the prompt's last token and applies the
+    LoRA from there, exactly as decoding does: its argmax chain is the greedy output."""
+    from sola_vllm.train import target_ids
+
+    engine = fresh_edits
+    engine.add(edit_rome)
+    prompts = [EDITED, UNRELATED]
+    greedy = engine.generate(prompts, max_new_tokens=4)
+    targets = [g.token_ids[:3] for g in greedy]
+    predicted, routes = engine.teacher_forced(prompts, targets)
+    assert predicted == targets
+    assert [r.edit_id for r in routes] == ["rome", None] == [g.route.edit_id for g in greedy]
+    # a wrong target is scored as wrong from its first token on
+    wrong = target_ids(engine, EDITED, "Paris.", append_eos=False)
+    predicted, _ = engine.teacher_forced([EDITED], [wrong])
+    assert predicted[0][0] != wrong[0]
+
+
+def test_nearest_reports_the_nearest_key_whatever_the_threshold(fresh_edits, edit_rome,
+                                                                 edit_mars):
+    engine = fresh_edits
+    assert [r.edit_id for r in engine.nearest([EDITED])] == [None]  # nothing loaded
+    engine.add_all([edit_rome, edit_mars])
+    near = engine.nearest([EDITED, OTHER, UNRELATED])
+    assert [r.edit_id for r in near[:2]] == ["rome", "mars"]
+    assert near[0].distance < 1e-4 and near[1].distance < 1e-4
+    assert near[2].edit_id in ("rome", "mars") and near[2].distance > engine.router.threshold
+    queries = engine.key_queries([UNRELATED])
+    assert engine.nearest(queries=queries)[0].distance == pytest.approx(near[2].distance, abs=1e-6)
+    # set_active routes only to the named edits; the others stay loaded
+    engine.set_active(["mars"])
+    assert [r.edit_id for r in engine.nearest([EDITED])] == ["mars"]
+    assert engine.generate([EDITED], 2)[0].route.edit_id is None
+    with pytest.raises(KeyError, match="not loaded"):
+        engine.set_active(["nope"])

@@ -1,0 +1,1 @@
+"""Evaluation: benchmark data, quality metrics, routing studies, calibration, reports."""

@@ -1,0 +1,54 @@
+"""`sola-vllm eval`: run the harness, write report.json / report.md / plots into --out."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from .harness import EvalConfig, run
+from .methods import METHODS
+
+QUICK = {"edits": 6, "checkpoints": (1, 3, 6), "joint_epochs": 3}
+
+
+def add_parser(sub, add_model, add_json) -> None:
+    p = sub.add_parser("eval", help="measure edit quality on benchmark data (zsRE, CounterFact)",
+                       description="Reliability, generality, locality, retention over T "
+                                   "edits, rollback and routing; resumable (see --out).")
+    p.add_argument("--data", required=True, type=Path,
+                   help="zsRE (MEND format) or ROME known-facts JSON, e.g. "
+                        "../shared/data/zsre_mend_eval_1000.json")
+    p.add_argument("--edits", type=int, default=1000, help="edits in the stream (default 1000)")
+    p.add_argument("--engine", choices=("reference", "vllm"), default="reference")
+    p.add_argument("--out", type=Path, default=Path("sola-eval"),
+                   help="output and resume directory (default ./sola-eval)")
+    p.add_argument("--split", choices=("test", "dev"), default="test")
+    p.add_argument("--view", choices=("full", "one_per_subject"), default="full")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated, from {','.join(METHODS)}")
+    p.add_argument("--checkpoints", default="1,10,100,1000", help="values of T")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a CI-sized run: {QUICK['edits']} edits, T = 1, 3, 6")
+    add_model(p)
+    add_json(p)
+
+
+def eval_command(args, load_config) -> dict:
+    try:
+        checkpoints = tuple(int(x) for x in args.checkpoints.split(","))
+    except ValueError as e:
+        raise ValueError(f"--checkpoints must be comma-separated ints: {args.checkpoints}") from e
+    options = {"edits": args.edits, "checkpoints": checkpoints, **(QUICK if args.quick else {})}
+    cfg = EvalConfig(data=args.data, engine=args.engine, out=args.out, split=args.split,
+                     view=args.view,
+                     methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+                     model=args.model, config=load_config(args.config), **options)
+    progress = None if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
+    report = run(cfg, progress)
+    report["meta"]["quick"] = bool(args.quick)
+    report["meta"]["command"] = "sola-vllm " + shlex.join(sys.argv[1:])
+    from .report import render_markdown, write_outputs
+
+    files = write_outputs(report, cfg.out)
+    return {"files": files, "report": report, "text": render_markdown(report)}

@@ -1,0 +1,323 @@
+"""The evaluation harness (GRACE / WISE conventions, SoLA arXiv 2603.11239): train each edit of a
+benchmark stream, then measure reliability, generality, locality and routing at T = 1, 10, 100,
+1000 resident edits, and rollback after revoking a random half. See `report.DEFINITIONS`.
+
+Resumable: trained edits live in one edit store per method under `out/edits/`, and every engine
+output in `out/outcomes.jsonl`; a re-run trains and generates only what is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import SolaConfig
+from .data import EditCase, load, one_per_subject
+from .methods import METHODS, Method, build_methods
+from .outcomes import Outcomes
+
+ENGINES = ("reference", "vllm")
+JOINT_BATCH, JOINT_LR, JOINT_MIN_STEPS = 16, 5e-3, 60  # lora-all: tuned to fit 3 pairs
+VIEWS = ("full", "one_per_subject")
+
+
+@dataclass(slots=True)
+class EvalConfig:
+    data: Path
+    edits: int = 1000
+    engine: str = "reference"
+    out: Path = Path("sola-eval")
+    split: str = "test"
+    view: str = "full"
+    methods: tuple[str, ...] = METHODS
+    checkpoints: tuple[int, ...] = (1, 10, 100, 1000)
+    model: str | None = None
+    config: SolaConfig = field(default_factory=SolaConfig)
+    loc_tokens: int = 12  # greedy tokens compared for locality
+    joint_epochs: int = 8  # lora-all
+    seed: int = 0  # which half is revoked in the rollback test
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine {self.engine!r} is not one of {ENGINES}")
+        if self.view not in VIEWS:
+            raise ValueError(f"view {self.view!r} is not one of {VIEWS}")
+        if not isinstance(self.edits, int) or self.edits < 1:
+            raise ValueError(f"edits must be a positive int, got {self.edits!r}")
+        if not self.checkpoints or min(self.checkpoints) < 1:
+            raise ValueError(f"checkpoints must be positive ints, got {self.checkpoints!r}")
+        build_methods(list(self.methods), self.config)  # validates the names
+
+
+def edit_stream(cfg: EvalConfig):
+    data = load(cfg.data)
+    stream = data.stream(cfg.split)
+    if cfg.view == "one_per_subject":
+        stream = one_per_subject(stream)
+    return data, stream[:cfg.edits]
+
+
+def checkpoints_for(cfg: EvalConfig, n: int) -> list[int]:
+    return sorted({t for t in cfg.checkpoints if t < n} | {n})
+
+
+def run(cfg: EvalConfig, progress=None) -> dict:
+    """Evaluate every method of `cfg`; returns the report (see `report.py` for its schema)."""
+    started = time.perf_counter()
+    data, stream = edit_stream(cfg)
+    checkpoints = checkpoints_for(cfg, len(stream))
+    outcomes = Outcomes(cfg.out / "outcomes.jsonl")
+    results = []
+    try:
+        for method in build_methods(list(cfg.methods), cfg.config):
+            say(progress, f"method {method.name}: {method.description}")
+            if cfg.engine == "vllm":
+                from .vllm_engine import evaluate_method_vllm
+
+                results.append(evaluate_method_vllm(cfg, method, stream, checkpoints, progress))
+            else:
+                results.append(evaluate_method(cfg, method, stream, checkpoints, outcomes,
+                                               progress))
+    finally:
+        outcomes.close()
+    from .data import conflict_ceiling
+
+    meta = {
+        "data": data.name, "data_path": str(cfg.data), "split": cfg.split, "view": cfg.view,
+        "engine": cfg.engine, "model": str(cfg.model or "SmolLM2-135M-Instruct (default)"),
+        "model_fingerprint": _model_fingerprint(cfg.model), "edits": len(stream),
+        "checkpoints": checkpoints, "quick": False, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "seconds": round(time.perf_counter() - started, 1), "versions": _versions(),
+        "command": "", "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "conflict_ceiling": round(conflict_ceiling(evaluated(cfg, stream)), 4),
+        "skipped_records": list(data.skipped), "route_mismatches": outcomes.route_mismatches,
+        "config": cfg.config.to_dict(),
+    }
+    return {"meta": meta, "methods": results}
+
+
+def say(progress, message: str) -> None:
+    if progress is not None:
+        progress(message)
+
+
+def evaluated(cfg: EvalConfig, cases: list[EditCase]) -> list[EditCase]:
+    """The cases metrics are averaged over: the reporting split's records among `cases`."""
+    return [c for c in cases if c.split == cfg.split]
+
+
+# --- one method on the reference engine ---------------------------------------------------------
+def evaluate_method(cfg: EvalConfig, method: Method, stream: list[EditCase],
+                    checkpoints: list[int], outcomes: Outcomes, progress) -> dict:
+    from ..engine import RoutedEngine
+
+    engine = RoutedEngine.from_pretrained(cfg.model, method.config)
+    probe = Probe(engine, outcomes, cfg.loc_tokens)
+    rows, rollback, distances = [], None, None
+    if method.kind == "routed":
+        engine.add_all(train_edits(engine, method, stream, cfg.out / "edits" / method.name,
+                                   progress))
+    for t in checkpoints:
+        cases = evaluated(cfg, stream[:t])
+        if method.kind == "routed":
+            engine.set_active([c.id for c in stream[:t]])
+        elif method.kind == "joint":
+            joint_lora(engine, cfg, stream[:t], t, progress)
+        variant = method.name if method.kind != "joint" else f"lora-all@{t}"
+        say(progress, f"  T={t}: {len(cases)} cases")
+        with route_all(engine, method.kind == "joint"):
+            row, dist = probe.checkpoint(variant, cases, routed=method.kind != "base")
+        if method.kind == "joint":  # it routes nothing: every prompt gets its LoRA
+            row["routing"] = None
+        rows.append({"T": t, **row})
+        distances = dist
+    if method.kind == "routed":
+        rollback = probe.rollback(method.name, stream, evaluated(cfg, stream), cfg.seed)
+    router = method.config.router
+    return {"name": method.name, "description": method.description,
+            "router": {"metric": router.metric if method.kind == "routed" else None,
+                       "threshold": router.threshold if method.kind == "routed" else None,
+                       "keys": "last-token" if method.kind == "routed" else None},
+            "checkpoints": rows, "rollback": rollback,
+            "distances": distances if method.kind == "routed" else None}
+
+
+def train_edits(engine, method: Method, stream: list[EditCase], path: Path, progress) -> list:
+    """Each case's edit, trained once on `engine` and kept in an edit store (resumable)."""
+    from ..store import EditStore
+
+    store = EditStore(path) if EditStore(path).exists() else EditStore.create(path)
+    have = {e["id"] for e in store.list()}
+    todo = [c for c in stream if c.id not in have]
+    bar = _bar(progress, len(todo), f"training {method.name}")
+    for case in todo:
+        edit = engine.train([case.prompt], case.target, edit_id=case.id,
+                            config=method.config.train, note=f"eval {method.name}")
+        store.add(edit)
+        bar.update(1)
+    bar.close()
+    by_id = {e.id: e for e in store.all()}
+    return [by_id[c.id] for c in stream]
+
+
+def joint_lora(engine, cfg: EvalConfig, cases: list[EditCase], t: int, progress) -> None:
+    """Install the lora-all baseline fine-tuned on `cases` as the engine's only edit: at least
+    `JOINT_MIN_STEPS` optimizer steps, and `cfg.joint_epochs` epochs over many edits."""
+    from .baselines import train_joint_lora
+
+    for old in list(engine.edits):
+        engine.remove(old)
+    steps_per_epoch = -(-len(cases) // JOINT_BATCH)
+    epochs = max(cfg.joint_epochs, -(-JOINT_MIN_STEPS // steps_per_epoch))
+    say(progress, f"  fine-tuning one LoRA on {len(cases)} edits ({epochs} epochs)")
+    edit = train_joint_lora(engine, [(c.prompt, c.target) for c in cases], epochs=epochs,
+                            batch_size=JOINT_BATCH, lr=JOINT_LR, seed=cfg.seed,
+                            edit_id=f"lora-all-{t}")
+    engine.add(edit)
+
+
+@contextlib.contextmanager
+def route_all(engine, enabled: bool):
+    """For the lora-all baseline: every prompt routes to its one LoRA."""
+    if not enabled:
+        yield
+        return
+    from .baselines import route_everything
+
+    with route_everything(engine):
+        yield
+
+
+class Probe:
+    """Routes, generates and scores the prompts of a set of cases on one engine."""
+
+    def __init__(self, engine, outcomes: Outcomes, loc_tokens: int):
+        self.engine, self.outcomes, self.loc_tokens = engine, outcomes, loc_tokens
+        self._queries: dict[str, torch.Tensor] = {}
+
+    def routes(self, prompts: list[str], routed: bool) -> dict[str, tuple[str | None, float]]:
+        """prompt -> (the edit it routes to or None, distance to its nearest key)."""
+        unique = list(dict.fromkeys(prompts))
+        if not routed:
+            return {p: (None, float("inf")) for p in unique}
+        missing = [p for p in unique if p not in self._queries]
+        for start in range(0, len(missing), 64):
+            chunk = missing[start:start + 64]
+            for p, q in zip(chunk, self.engine.key_queries(chunk), strict=True):
+                self._queries[p] = q
+        queries = torch.stack([self._queries[p] for p in unique])
+        nearest = self.engine.nearest(queries=queries)
+        threshold = self.engine.router.threshold
+        return {p: (r.edit_id if r.distance < threshold else None, r.distance)
+                for p, r in zip(unique, nearest, strict=True)}
+
+    def answers(self, variant: str, pairs: list[tuple[str, str]], routes) -> list[dict]:
+        """(prompt, target) -> {"tf": token accuracy, "em": greedy exact match}."""
+        from ..train import target_ids
+
+        engine = self.engine
+        prompts = [p for p, _ in pairs]
+        targets = [target_ids(engine, p, t, append_eos=False) for p, t in pairs]
+        r = [routes[p][0] for p in prompts]
+        forced = self.outcomes.forced(engine, variant, prompts, targets, r)
+        greedy = self.outcomes.greedy(engine, variant, prompts, [len(t) for t in targets], r)
+        return [{"tf": sum(a == b for a, b in zip(f, t, strict=True)) / len(t),
+                 "em": float(g[:len(t)] == t)}
+                for f, g, t in zip(forced, greedy, targets, strict=True)]
+
+    def unchanged(self, variant: str, prompts: list[str], routes) -> list[float]:
+        """1.0 where the greedy output equals the base model's, token for token."""
+        n = [self.loc_tokens] * len(prompts)
+        routed = [routes[p][0] for p in prompts]
+        got = self.outcomes.greedy(self.engine, variant, prompts, n, routed)
+        base = self.outcomes.greedy(self.engine, variant, prompts, n, [None] * len(prompts))
+        return [float(a == b) for a, b in zip(got, base, strict=True)]
+
+    def checkpoint(self, variant: str, cases: list[EditCase], routed: bool):
+        rel = [(c.prompt, c.target) for c in cases]
+        gen = [(p, c.target) for c in cases for p in c.paraphrases]
+        loc = [p for c in cases for p in c.locality]
+        routes = self.routes([p for p, _ in rel + gen] + loc, routed)
+        rel_s, gen_s = self.answers(variant, rel, routes), self.answers(variant, gen, routes)
+        loc_s = self.unchanged(variant, loc, routes)
+        row = {"n_eval": len(cases),
+               "reliability_tf": _mean(s["tf"] for s in rel_s),
+               "reliability_em": _mean(s["em"] for s in rel_s),
+               "generality_tf": _mean(s["tf"] for s in gen_s),
+               "generality_em": _mean(s["em"] for s in gen_s),
+               "locality": _mean(loc_s), "routing": None}
+        if not routed:
+            return row, None
+        owner = {p: c.id for c in cases for p in (c.prompt, *c.paraphrases)}
+        row["routing"] = {
+            "prompt_hit": _mean(routes[p][0] == owner[p] for p, _ in rel),
+            "paraphrase_hit": _mean(routes[p][0] == owner[p] for p, _ in gen),
+            "false_fire": _mean(routes[p][0] is not None for p in loc)}
+        distances = {"hit": [routes[p][1] for p, _ in rel],
+                     "paraphrase": [routes[p][1] for p, _ in gen],
+                     "negative": [routes[p][1] for p in loc]}
+        return row, distances
+
+    def rollback(self, variant: str, stream: list[EditCase], cases: list[EditCase],
+                 seed: int) -> dict:
+        """Revoke a random half of the stream's edits; revoked prompts must give the base
+        model's exact output, kept edits must still work, locality must not move."""
+        engine = self.engine
+        before_rows, _ = self.checkpoint(variant, cases, routed=True)
+        routes_before = self.routes([c.prompt for c in cases], True)
+        revoked = set(random.Random(seed).sample([c.id for c in stream], len(stream) // 2))
+        engine.set_active([c.id for c in stream if c.id not in revoked])
+        try:
+            gone = [c for c in cases if c.id in revoked]
+            kept = [c for c in cases if c.id not in revoked]
+            routes = self.routes([c.prompt for c in cases] + [p for c in cases for p in c.locality],
+                                 True)
+            exact = self.unchanged(variant, [c.prompt for c in gone], routes)
+            kept_s = self.answers(variant, [(c.prompt, c.target) for c in kept], routes)
+            kept_before = self.answers(variant, [(c.prompt, c.target) for c in kept],
+                                       routes_before)
+            loc = self.unchanged(variant, [p for c in cases for p in c.locality], routes)
+        finally:
+            engine.set_active([c.id for c in stream])
+        return {"T": len(stream), "revoked": len(revoked), "revoked_evaluated": len(gone),
+                "revoked_exact": _mean(exact), "kept": len(kept),
+                "kept_reliability_em": _mean(s["em"] for s in kept_s),
+                "kept_reliability_em_before": _mean(s["em"] for s in kept_before),
+                "locality": _mean(loc), "locality_before": before_rows["locality"]}
+
+
+def _bar(progress, total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=progress is None or total == 0, leave=False,
+                file=sys.stderr)
+
+
+def _mean(values) -> float | None:
+    values = [float(v) for v in values]
+    return round(sum(values) / len(values), 6) if values else None
+
+
+def _model_fingerprint(model) -> str:
+    from ..models import model_fingerprint, resolve_model
+
+    return model_fingerprint(resolve_model(model))
+
+
+def _versions() -> dict:
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def replace(cfg: EvalConfig, **changes) -> EvalConfig:
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,53 @@
+"""The methods an evaluation compares, on the same data and model.
+
+- `base`: the base model, no edit.
+- `sola`: sola-vllm with the configured (default) routing, layers, rank and training.
+- `sola-paper`: SoLA as the paper specifies it (arXiv 2603.11239, §3 and App. B): rank 4, SGD
+  with lr 0.05 and cosine decay for 40 epochs, L2 distance on raw last-token keys, α = 0.01.
+- `lora-all`: the baseline users reach for: one LoRA fine-tuned on all edits so far, applied to
+  every prompt (no routing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import RouterConfig, SolaConfig, TrainConfig
+
+METHODS = ("base", "sola", "sola-paper", "lora-all")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str  # "base" | "routed" (one LoRA per edit, nearest-key routing) | "joint"
+    description: str
+    config: SolaConfig
+
+
+def paper_config(base: SolaConfig) -> SolaConfig:
+    """SoLA's own settings on the layer set of `base` (the paper names none for Llama)."""
+    edit = SolaConfig.from_dict({"edit": {**base.to_dict()["edit"], "rank": 4}}).edit
+    train = TrainConfig(steps=40, lr=0.05, optimizer="sgd", schedule="cosine", stop_loss=0.0,
+                        seed=base.train.seed, init_std=base.train.init_std)
+    return SolaConfig(edit=edit, router=RouterConfig(metric="l2", threshold=0.01), train=train)
+
+
+def build_methods(names: list[str], config: SolaConfig) -> list[Method]:
+    unknown = sorted(set(names) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: {list(METHODS)}")
+    router = config.router
+    table = {
+        "base": Method("base", "base", "the base model, no edit", config),
+        "sola": Method("sola", "routed",
+                       f"sola-vllm: one LoRA per edit, {router.metric} distance < "
+                       f"{router.threshold:g} on last-token keys", config),
+        "sola-paper": Method("sola-paper", "routed",
+                             "SoLA as published: rank 4, SGD lr 0.05 cosine, 40 epochs, "
+                             "L2 distance < 0.01", paper_config(config)),
+        "lora-all": Method("lora-all", "joint",
+                           "one LoRA fine-tuned on all edits so far, applied to every prompt",
+                           config),
+    }
+    return [table[n] for n in names]

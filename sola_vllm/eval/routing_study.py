@@ -1,0 +1,147 @@
+"""Routing study without training: how well do keys at a layer separate paraphrases (must route
+to their edit) from negatives (must not)? Compares last-token keys (decision 1) with keys
+anchored at the subject's last token, matched against every prompt token of the query.
+
+    python -m sola_vllm.eval.routing_study --data ../shared/data/zsre_mend_eval_1000.json
+
+Edits are the dev split; negatives are the unrelated locality prompts and the test split's edit
+prompts (hard negatives: the same style, other subjects). The threshold is set so that `--keep`
+of all negatives stay unrouted; hit and false-fire rates are read at that threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .data import EditCase, load, one_per_subject
+from .states import residual_states, subject_token
+
+
+def distances(q: torch.Tensor, k: torch.Tensor, metric: str) -> torch.Tensor:
+    """q [T, d], k [N, d] -> fp32 [T, N]."""
+    if metric == "cosine":
+        qn = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        kn = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return (1 - qn @ kn.T).clamp_min(0)
+    return torch.cdist(q, k)
+
+
+MODES = ("last", "subject", "mean", "mean1")
+
+
+def query_rows(s: torch.Tensor, mode: str) -> torch.Tensor:
+    """The query rows of one prompt's states [T, d]: its last token (`last`), every token
+    (`subject`: the best match over the prompt decides), the mean over tokens (`mean`) or the
+    mean over all tokens but the first (`mean1`: the first token's state is an outlier shared by
+    every prompt, the "attention sink")."""
+    if mode not in MODES:
+        raise ValueError(f"key mode {mode!r} is not one of {MODES}")
+    if mode == "subject":
+        return s
+    if mode == "mean1" and s.shape[0] > 1:
+        return s[1:].mean(dim=0, keepdim=True)
+    return s.mean(dim=0, keepdim=True) if mode.startswith("mean") else s[-1:]
+
+
+def nearest(states: list[torch.Tensor], keys: torch.Tensor, metric: str,
+            mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query: (index of the nearest key, its distance)."""
+    idx, dist = [], []
+    for s in states:
+        q = query_rows(s, mode)
+        d = distances(q, keys, metric).min(dim=0).values  # [N]
+        best = int(d.argmin())
+        idx.append(best)
+        dist.append(float(d[best]))
+    return torch.tensor(idx), torch.tensor(dist)
+
+
+def study(engine, cases: list[EditCase], hard: list[str], layers: list[int],
+          metrics: list[str], keep: float, modes=MODES) -> list[dict]:
+    """`hard`: prompts in the edits' own style about other subjects (the other split's)."""
+    groups = {
+        "prompt": [c.prompt for c in cases],
+        "paraphrase": [p for c in cases for p in c.paraphrases[:1]],
+        "other_relation": [p for c in cases for p in c.other_relation[:1]],
+        "locality": [c.locality[0] for c in cases if c.locality],
+        "hard_negative": hard,
+    }
+    owner = {"prompt": list(range(len(cases))),
+             "paraphrase": [i for i, c in enumerate(cases) for _ in c.paraphrases[:1]]}
+    all_prompts = [p for g in groups.values() for p in g]
+    states = residual_states(engine, all_prompts, layers)
+    sizes = {g: len(v) for g, v in groups.items()}
+    anchor = [subject_token(engine, c.prompt, c.subject_span) for c in cases]
+    rows = []
+    for layer in layers:
+        by_group, offset = {}, 0
+        for g, n in sizes.items():
+            by_group[g] = [s[layer] for s in states[offset:offset + n]]
+            offset += n
+        for mode in modes:
+            if mode == "subject":
+                keys = torch.stack([s[p] for s, p in zip(by_group["prompt"], anchor, strict=True)])
+            else:
+                keys = torch.cat([query_rows(s, mode) for s in by_group["prompt"]])
+            for metric in metrics:
+                res = {g: nearest(v, keys, metric, mode) for g, v in by_group.items()
+                       if v}
+                negatives = torch.cat([res[g][1] for g in ("locality", "hard_negative")])
+                tau = float(torch.quantile(negatives, 1 - keep))
+                row = {"layer": layer, "mode": mode, "metric": metric, "threshold": tau}
+                for g in ("prompt", "paraphrase"):
+                    idx, dist = res[g]
+                    own = torch.tensor(owner[g])
+                    same_target = torch.tensor([cases[i].target == cases[j].target
+                                                for i, j in zip(idx.tolist(), owner[g])])
+                    routed = dist < tau
+                    row[f"{g}_hit_own"] = float((routed & (idx == own)).float().mean())
+                    row[f"{g}_hit_same_answer"] = float((routed & same_target).float().mean())
+                    row[f"{g}_routed"] = float(routed.float().mean())
+                for g in ("other_relation", "locality", "hard_negative"):
+                    if g in res:
+                        row[f"{g}_false_fire"] = float((res[g][1] < tau).float().mean())
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    from ..engine import RoutedEngine
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", required=True)
+    p.add_argument("--model", default=None)
+    p.add_argument("--layers", default="4,8,12,16,20,24,28")
+    p.add_argument("--metrics", default="cosine,l2")
+    p.add_argument("--modes", default=",".join(MODES), help=f"key modes, from {MODES}")
+    p.add_argument("--keep", type=float, default=0.99, help="share of negatives left unrouted")
+    p.add_argument("--one-per-subject", action="store_true")
+    p.add_argument("--hard", type=int, default=500, help="hard negatives (test-split prompts)")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    data = load(args.data)
+    cases = data.split("dev")
+    if args.one_per_subject:
+        cases = one_per_subject(cases)
+    cases = [c for c in cases if c.paraphrases]
+    hard = [c.prompt for c in data.split("test")][:args.hard]
+    engine = RoutedEngine.from_pretrained(args.model)
+    started = time.perf_counter()
+    rows = study(engine, cases, hard, [int(x) for x in args.layers.split(",")],
+                 args.metrics.split(","), args.keep, args.modes.split(","))
+    report = {"data": data.name, "split": "dev", "edits": len(cases), "hard_negatives": len(hard),
+              "keep": args.keep, "one_per_subject": args.one_per_subject,
+              "seconds": round(time.perf_counter() - started, 1), "rows": rows}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

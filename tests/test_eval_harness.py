@@ -1,0 +1,107 @@
+"""The evaluation harness end to end on the real default model, a few zsRE edits."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sola_vllm.cli import main
+from sola_vllm.eval.harness import EvalConfig, run
+from sola_vllm.eval.outcomes import Outcomes
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "zsre_mend_eval_1000.json"
+needs_data = pytest.mark.skipif(not DATA.is_file(), reason=f"benchmark data {DATA} not found")
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, default_model_path):
+    out = tmp_path_factory.mktemp("eval")
+    cfg = EvalConfig(data=DATA, edits=3, checkpoints=(1, 3), methods=("base", "sola"), out=out,
+                     model=str(default_model_path))
+    return cfg, run(cfg)
+
+
+def _method(report, name):
+    return next(m for m in report["methods"] if m["name"] == name)
+
+
+@needs_data
+def test_edits_stick_stay_local_and_roll_back_exactly(first_run):
+    _, report = first_run
+    sola, base = _method(report, "sola"), _method(report, "base")
+    assert [c["T"] for c in sola["checkpoints"]] == [1, 3] == report["meta"]["checkpoints"]
+    for row in sola["checkpoints"]:
+        assert row["reliability_em"] == 1.0 and row["reliability_tf"] == 1.0
+        assert row["locality"] == 1.0
+        assert row["routing"]["prompt_hit"] == 1.0 and row["routing"]["false_fire"] == 0.0
+    assert all(row["reliability_em"] < 1.0 for row in base["checkpoints"])
+    assert all(row["routing"] is None and row["locality"] == 1.0 for row in base["checkpoints"])
+    rollback = sola["rollback"]
+    assert rollback["revoked"] == 1 and rollback["revoked_exact"] == 1.0
+    assert rollback["kept_reliability_em"] == rollback["kept_reliability_em_before"] == 1.0
+    assert rollback["locality"] == rollback["locality_before"]
+    # distances: each edit prompt sits on its own key, unrelated prompts far away
+    dist = sola["distances"]
+    assert max(dist["hit"]) < 1e-4 < min(dist["negative"])
+    assert report["meta"]["route_mismatches"] == 0
+
+
+@needs_data
+def test_a_rerun_resumes_without_training_or_generating_again(first_run):
+    cfg, report = first_run
+    journal = (cfg.out / "edits" / "sola" / "journal.jsonl")
+    journal_before = journal.read_bytes() if journal.exists() else None
+    outcomes_before = (cfg.out / "outcomes.jsonl").read_bytes()
+    again = run(cfg)
+    assert (cfg.out / "outcomes.jsonl").read_bytes() == outcomes_before
+    if journal_before is not None:
+        assert journal.read_bytes() == journal_before
+    for name in ("base", "sola"):
+        assert _method(again, name)["checkpoints"] == _method(report, name)["checkpoints"]
+        assert _method(again, name)["rollback"] == _method(report, name)["rollback"]
+
+
+def test_outcome_cache_survives_a_torn_last_line(tmp_path):
+    path = tmp_path / "outcomes.jsonl"
+    cache = Outcomes(path)
+    key = Outcomes.key("greedy", "sola", "e1", "prompt", 3)
+    cache.put(key, [1, 2, 3])
+    cache.close()
+    with path.open("a") as f:
+        f.write('["half a li')
+    again = Outcomes(path)
+    assert again.data == {key: [1, 2, 3]}
+    # an unrouted row is keyed as the base model's, whatever the method
+    assert Outcomes.key("greedy", "sola", None, "p", 3) == Outcomes.key("greedy", "x", None, "p", 3)
+    again.close()
+
+
+@needs_data
+def test_cli_quick_run_writes_the_report(tmp_path, capsys, default_model_path):
+    code = main(["eval", "--data", str(DATA), "--quick", "--methods", "base",
+                 "--model", str(default_model_path), "--out", str(tmp_path), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["ok"]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["meta"]["quick"] and report["meta"]["edits"] == 6
+    assert report["meta"]["command"].startswith("sola-vllm ")
+    assert (tmp_path / "report.md").read_text().count("| base |") == 3
+    assert (tmp_path / "retention.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "base,nope"], "unknown method"),
+    (["--checkpoints", "1,x"], "comma-separated ints"),
+    (["--edits", "0"], "edits must be a positive int"),
+])
+def test_cli_bad_options_exit_2(tmp_path, capsys, args, message):
+    code = main(["eval", "--data", str(DATA), "--out", str(tmp_path), "--json", *args])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 2 and message in out["error"]
+
+
+def test_cli_missing_data_exits_2(tmp_path, capsys):
+    code = main(["eval", "--data", str(tmp_path / "none.json"), "--edits", "2",
+                 "--methods", "base", "--out", str(tmp_path), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 2 and "does not exist" in out["error"]
