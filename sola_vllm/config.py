@@ -17,6 +17,7 @@ from typing import Any
 
 METRICS = ("l2", "cosine")
 OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -37,7 +38,10 @@ class EditConfig:
 
     layers: tuple[int, ...] | None = None
     modules: tuple[str, ...] | None = None
-    rank: int = 4
+    # rank 8 (SoLA uses 4): on 40 zsRE dev edits both fit every edit, but a paraphrase routed
+    # to its edit gets the new answer 1.000 (rank 8) vs 0.925 (rank 4) greedily, in fewer
+    # steps (median 6 vs 7; benchmarks/edit_defaults.py). Costs 2x the LoRA memory per edit.
+    rank: int = 8
     scale: float = 1.0  # delta = scale * B @ A @ x  (PEFT's lora_alpha / r)
 
     def __post_init__(self) -> None:
@@ -65,10 +69,24 @@ class EditConfig:
 @dataclass(slots=True)
 class RouterConfig:
     """Nearest-key routing: a request routes to the edit of its nearest key if the distance is
-    below `threshold` (strictly), else to no edit (-1). Cosine distance is 1 - cos."""
+    below `threshold` (strictly), else to no edit (-1). Cosine distance is 1 - cos.
+
+    Defaults chosen on the dev splits (issue 4; `python -m sola_vllm.eval.routing_study`,
+    `benchmarks/results/routing_study_*.json`), keys at layer 24 of SmolLM2-135M:
+    - cosine, not L2: the two rank prompts the same (zsRE dev, 1 % of negatives routed:
+      paraphrase hit 0.099 cosine vs 0.091 L2), and a cosine threshold does not depend on
+      the scale of the residual stream, which grows with depth and differs between models;
+    - threshold 0.006: the largest round value that routes at most 0.5 % of *hard negatives*
+      (the same kind of prompt about another subject, the worst case for a false fire: it
+      silently rewrites someone else's fact) with ~250 keys: their 0.5 % quantile is 0.0069
+      on zsRE and 0.0065 on CounterFact. Unrelated questions (zsRE `loc`) sit 0.2-0.3 away
+      and are never routed at any threshold below 0.1. A larger threshold buys paraphrase
+      hits at the price of hard false fires (zsRE dev: 0.01 -> paraphrase 0.15, hard 2 %;
+      0.02 -> 0.40, 8 %); `sola-vllm calibrate` measures this trade-off for a given store.
+    """
 
     metric: str = "cosine"
-    threshold: float = 1e-3
+    threshold: float = 0.006
 
     def __post_init__(self) -> None:
         _check(self.metric in METRICS, f"metric {self.metric!r} is not one of {METRICS}")
@@ -83,6 +101,7 @@ class TrainConfig:
     steps: int = 60
     lr: float = 1e-2
     optimizer: str = "adam"
+    schedule: str = "constant"  # learning rate over the steps: constant, or cosine decay to 0
     seed: int = 0
     init_std: float = 0.02  # std of A at init; B starts at zero (Hu et al.)
     stop_loss: float = 0.05  # stop early once every target token is argmax and loss < this
@@ -94,6 +113,8 @@ class TrainConfig:
         _check(_finite_number(self.lr) and self.lr > 0, f"lr must be positive, got {self.lr!r}")
         _check(self.optimizer in OPTIMIZERS,
                f"optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
+        _check(self.schedule in SCHEDULES,
+               f"schedule {self.schedule!r} is not one of {SCHEDULES}")
         _check(isinstance(self.seed, int) and not isinstance(self.seed, bool),
                f"seed must be an int, got {self.seed!r}")
         _check(_finite_number(self.init_std) and self.init_std > 0,

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from sola_vllm.cli import main
-from sola_vllm.eval.harness import EvalConfig, run
+from sola_vllm.eval.harness import EvalConfig, edits_dir, run
+from sola_vllm.eval.methods import build_methods
 from sola_vllm.eval.outcomes import Outcomes
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "zsre_mend_eval_1000.json"
@@ -34,6 +35,9 @@ def test_edits_stick_stay_local_and_roll_back_exactly(first_run):
         assert row["reliability_em"] == 1.0 and row["reliability_tf"] == 1.0
         assert row["locality"] == 1.0
         assert row["routing"]["prompt_hit"] == 1.0 and row["routing"]["false_fire"] == 0.0
+    # hard negatives: the later records' prompts, probed while they are not edited yet
+    assert 0.0 <= sola["checkpoints"][0]["routing"]["hard_false_fire"] <= 1.0
+    assert sola["checkpoints"][-1]["routing"]["hard_false_fire"] is None
     assert all(row["reliability_em"] < 1.0 for row in base["checkpoints"])
     assert all(row["routing"] is None and row["locality"] == 1.0 for row in base["checkpoints"])
     rollback = sola["rollback"]
@@ -49,13 +53,12 @@ def test_edits_stick_stay_local_and_roll_back_exactly(first_run):
 @needs_data
 def test_a_rerun_resumes_without_training_or_generating_again(first_run):
     cfg, report = first_run
-    journal = (cfg.out / "edits" / "sola" / "journal.jsonl")
-    journal_before = journal.read_bytes() if journal.exists() else None
+    journal = edits_dir(cfg, build_methods(["sola"], cfg.config)[0]) / "journal.jsonl"
+    journal_before = journal.read_bytes()
     outcomes_before = (cfg.out / "outcomes.jsonl").read_bytes()
     again = run(cfg)
     assert (cfg.out / "outcomes.jsonl").read_bytes() == outcomes_before
-    if journal_before is not None:
-        assert journal.read_bytes() == journal_before
+    assert journal.read_bytes() == journal_before
     for name in ("base", "sola"):
         assert _method(again, name)["checkpoints"] == _method(report, name)["checkpoints"]
         assert _method(again, name)["rollback"] == _method(report, name)["rollback"]

@@ -131,7 +131,7 @@ def test_rollback_and_routing_tables(report):
     assert not _rows(_section(md, "Rollback"), ("base",))  # only methods with a rollback
     routing = _section(md, "Routing")
     row = _rows(routing, ("100", "sola"))[0]
-    assert row[3:7] == ["0.812", "0.013", "0.4321", "l2"]
+    assert row[3:8] == ["0.812", "0.013", "–", "0.4321", "l2"]  # no hard false fire given
     assert not _rows(routing, ("1", "base"))  # only methods with routing numbers
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from sola_vllm.eval import harness
 from sola_vllm.eval.harness import EvalConfig
+from sola_vllm.eval.methods import build_methods
 from sola_vllm.eval.outcomes import Outcomes
 from sola_vllm.store import EditStore
 
@@ -52,7 +53,7 @@ def test_vllm_metrics_and_tokens_equal_the_reference_engines(tmp_path, monkeypat
     cfg = EvalConfig(engine="vllm", **options)
     served = harness.run(cfg, said.append)
     assert "  training 3 edits (sola) on the reference engine" in said
-    store = EditStore(tmp_path / "edits" / "sola")
+    store = EditStore(harness.edits_dir(cfg, build_methods(["sola"], cfg.config)[0]))
     trained = store.list()
     assert [e["id"] for e in trained] == ["zsre-0000", "zsre-0001", "zsre-0002"]
     reference = harness.run(EvalConfig(engine="reference", **options))
@@ -91,7 +92,7 @@ def test_vllm_metrics_and_tokens_equal_the_reference_engines(tmp_path, monkeypat
     for generations, live in zip(calls, active, strict=True):
         for (prompt, n), tokens in generations.items():
             route = owner.get(prompt) if owner.get(prompt) in live else None
-            key = Outcomes.key("greedy", "sola", route, prompt, n)
+            key = Outcomes.key("greedy", store.path.name, route, prompt, n)
             if key in outcomes.data or live:  # the reference ran no base method
                 assert tokens == outcomes.data[key], (prompt, n, route)
                 compared += 1

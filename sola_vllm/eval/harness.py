@@ -26,6 +26,7 @@ from .outcomes import Outcomes
 
 ENGINES = ("reference", "vllm")
 JOINT_BATCH, JOINT_LR, JOINT_MIN_STEPS = 16, 5e-3, 60  # lora-all: tuned to fit 3 pairs
+HARD_PROBES = 500  # later edits' prompts probed for hard false fires at each checkpoint
 VIEWS = ("full", "one_per_subject")
 
 
@@ -123,24 +124,31 @@ def evaluate_method(cfg: EvalConfig, method: Method, stream: list[EditCase],
     probe = Probe(engine, outcomes, cfg.loc_tokens)
     rows, rollback, distances = [], None, None
     if method.kind == "routed":
-        engine.add_all(train_edits(engine, method, stream, cfg.out / "edits" / method.name,
-                                   progress))
+        engine.add_all(train_edits(engine, method, stream, edits_dir(cfg, method), progress))
     for t in checkpoints:
         cases = evaluated(cfg, stream[:t])
         if method.kind == "routed":
             engine.set_active([c.id for c in stream[:t]])
         elif method.kind == "joint":
-            joint_lora(engine, cfg, stream[:t], t, progress)
-        variant = method.name if method.kind != "joint" else f"lora-all@{t}"
+            joint_lora(engine, cfg, method, stream[:t], t, progress)
+        # outputs are cached per trained recipe (and per joint LoRA), never across recipes
+        variant = edits_dir(cfg, method).name
+        if method.kind == "joint":
+            variant += "/" + next(iter(engine.edits))
         say(progress, f"  T={t}: {len(cases)} cases")
         with route_all(engine, method.kind == "joint"):
             row, dist = probe.checkpoint(variant, cases, routed=method.kind != "base")
+        if method.kind == "routed":
+            edited = {c.subject.lower() for c in stream[:t]}  # siblings ask the same fact
+            later = [c for c in stream[t:] if c.subject.lower() not in edited][:HARD_PROBES]
+            row["routing"]["hard_false_fire"] = probe.hard_false_fire(later)
         if method.kind == "joint":  # it routes nothing: every prompt gets its LoRA
             row["routing"] = None
         rows.append({"T": t, **row})
         distances = dist
     if method.kind == "routed":
-        rollback = probe.rollback(method.name, stream, evaluated(cfg, stream), cfg.seed)
+        rollback = probe.rollback(edits_dir(cfg, method).name, stream, evaluated(cfg, stream),
+                                  cfg.seed)
     router = method.config.router
     return {"name": method.name, "description": method.description,
             "router": {"metric": router.metric if method.kind == "routed" else None,
@@ -148,6 +156,16 @@ def evaluate_method(cfg: EvalConfig, method: Method, stream: list[EditCase],
                        "keys": "last-token" if method.kind == "routed" else None},
             "checkpoints": rows, "rollback": rollback,
             "distances": distances if method.kind == "routed" else None}
+
+
+def edits_dir(cfg: EvalConfig, method: Method) -> Path:
+    """Where a method's trained edits are kept: one store per training recipe (edit shape and
+    training options), so a re-run with other options never reuses edits trained otherwise.
+    Router options are not part of it: they change routing, not what was trained."""
+    from ..config import fingerprint
+
+    recipe = {k: v for k, v in method.config.to_dict().items() if k != "router"}
+    return cfg.out / "edits" / f"{method.name}-{fingerprint(recipe)[:10]}"
 
 
 def train_edits(engine, method: Method, stream: list[EditCase], path: Path, progress) -> list:
@@ -168,19 +186,27 @@ def train_edits(engine, method: Method, stream: list[EditCase], path: Path, prog
     return [by_id[c.id] for c in stream]
 
 
-def joint_lora(engine, cfg: EvalConfig, cases: list[EditCase], t: int, progress) -> None:
+def joint_lora(engine, cfg: EvalConfig, method: Method, cases: list[EditCase], t: int,
+               progress) -> None:
     """Install the lora-all baseline fine-tuned on `cases` as the engine's only edit: at least
-    `JOINT_MIN_STEPS` optimizer steps, and `cfg.joint_epochs` epochs over many edits."""
+    `JOINT_MIN_STEPS` optimizer steps, and `cfg.joint_epochs` epochs over many edits. Kept in
+    the method's store, so a re-run reuses it."""
+    from ..store import EditStore
     from .baselines import train_joint_lora
 
     for old in list(engine.edits):
         engine.remove(old)
+    path, edit_id = edits_dir(cfg, method), f"lora-all-{t}-e{cfg.joint_epochs}-s{cfg.seed}"
+    store = EditStore(path) if EditStore(path).exists() else EditStore.create(path)
+    if edit_id in {e["id"] for e in store.list()}:
+        engine.add(store.get(edit_id))
+        return
     steps_per_epoch = -(-len(cases) // JOINT_BATCH)
     epochs = max(cfg.joint_epochs, -(-JOINT_MIN_STEPS // steps_per_epoch))
     say(progress, f"  fine-tuning one LoRA on {len(cases)} edits ({epochs} epochs)")
     edit = train_joint_lora(engine, [(c.prompt, c.target) for c in cases], epochs=epochs,
-                            batch_size=JOINT_BATCH, lr=JOINT_LR, seed=cfg.seed,
-                            edit_id=f"lora-all-{t}")
+                            batch_size=JOINT_BATCH, lr=JOINT_LR, seed=cfg.seed, edit_id=edit_id)
+    store.add(edit)
     engine.add(edit)
 
 
@@ -265,6 +291,11 @@ class Probe:
                      "paraphrase": [routes[p][1] for p, _ in gen],
                      "negative": [routes[p][1] for p in loc]}
         return row, distances
+
+    def hard_false_fire(self, later: list[EditCase]) -> float | None:
+        """Share of not-yet-edited prompts (same style, other subjects) routed to an edit."""
+        routes = self.routes([c.prompt for c in later], True) if later else {}
+        return _mean(r[0] is not None for r in routes.values())
 
     def rollback(self, variant: str, stream: list[EditCase], cases: list[EditCase],
                  seed: int) -> dict:

@@ -54,6 +54,9 @@ first T (n), with all T edits active; decoding is greedy.
   **Loc.**: locality before → after.
 - **Routing**: **prompt hit** / **paraphrase hit**: the share of edit prompts / paraphrases
   routed to their own edit. **False fire**: the share of unrelated prompts routed to any edit.
+  **Hard false fire**: the share of not-yet-edited prompts of the same benchmark (the same
+  kind of question about subjects not edited yet: the later edits' prompts, up to 500) routed
+  to any edit; "–" once every record is edited.
   **Threshold** and **metric**: the router's distance cut-off and distance function.
 - **Conflict ceiling**: the best generality any router can reach when records of one subject
   ask the same question with different answers (per subject, the share of its most common
@@ -180,11 +183,11 @@ def routing_table(report: dict) -> str | None:
             r, router = cp["routing"], m.get("router") or {}
             threshold = router.get("threshold")
             rows.append([str(T), m["name"], fmt(r.get("prompt_hit")), fmt(r.get("paraphrase_hit")),
-                         fmt(r.get("false_fire")),
+                         fmt(r.get("false_fire")), fmt(r.get("hard_false_fire")),
                          f"{threshold:.4g}" if _is_num(threshold) else DASH,
                          router.get("metric") or DASH, router.get("keys") or DASH])
-    header = ["T", "Method", "Prompt hit", "Paraphrase hit", "False fire", "Threshold", "Metric",
-              "Keys"]
+    header = ["T", "Method", "Prompt hit", "Paraphrase hit", "False fire", "Hard false fire",
+              "Threshold", "Metric", "Keys"]
     return _table(header, rows, text_cols=2, text_tail=2) if rows else None
 
 

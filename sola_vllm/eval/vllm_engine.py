@@ -21,7 +21,7 @@ from collections import defaultdict
 from types import SimpleNamespace
 
 from .data import EditCase
-from .harness import EvalConfig, _mean, evaluated, say, train_edits
+from .harness import EvalConfig, _mean, edits_dir, evaluated, say, train_edits
 from .methods import Method
 
 JOINT_REFUSED = "lora-all runs on the reference engine only (--engine reference)"
@@ -89,7 +89,7 @@ def _trained_edits(cfg: EvalConfig, method: Method, stream: list[EditCase], prog
     the reference engine, which is freed before vLLM starts."""
     from ..store import EditStore
 
-    path = cfg.out / "edits" / method.name
+    path = edits_dir(cfg, method)
     store = EditStore(path)
     have = {e["id"] for e in store.list()} if store.exists() else set()
     if all(c.id in have for c in stream):

@@ -25,7 +25,7 @@ class ServingConfig:
     shape_fingerprint: str
     model_fingerprint: str
     metric: str = "cosine"
-    threshold: float = 1e-3
+    threshold: float = 0.006  # = RouterConfig's default
     max_edits: int = 1024  # LoRA slots, preallocated at start (revoked edits keep theirs)
     max_keys: int = 4096  # routing keys, preallocated at start
     max_rank: int = 8
