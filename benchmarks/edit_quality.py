@@ -24,6 +24,8 @@ from sola_vllm.eval.report import (  # noqa: E402
     comparison_table,
     meta_block,
     retention_table,
+    rollback_table,
+    routing_table,
     write_text_atomic,
 )
 
@@ -50,10 +52,35 @@ def render(report: dict, report_path: Path, command: str) -> str:
         comparison_table(report, ts[-1]),
         "## Retention across T",
         retention_table(report),
+    ]
+    for title, table in (("Rollback", rollback_table(report)),
+                         ("Routing", routing_table(report))):
+        if table:
+            parts += [f"## {title}", table]
+    parts += [
         "## Definitions",
         DEFINITIONS.rstrip(),
     ]
     return "\n\n".join(parts) + "\n"
+
+
+def merge(report: dict, others: list[tuple[Path, dict]]) -> dict:
+    """Add the methods of other reports (same data, split and model) that `report` lacks,
+    e.g. a method too slow to train for every T; their checkpoints are shown where they exist."""
+    meta = report["meta"]
+    for path, other in others:
+        for key in ("data", "split", "view", "model_fingerprint"):
+            if other["meta"].get(key) != meta.get(key):
+                raise ValueError(f"{path}: {key} {other['meta'].get(key)!r} differs from the "
+                                 f"main report's {meta.get(key)!r}")
+        have = {m["name"] for m in report["methods"]}
+        added = [m for m in other["methods"] if m["name"] not in have]
+        report["methods"] += added
+        meta.setdefault("merged", []).append(
+            {"from": _shown(path), "methods": [m["name"] for m in added],
+             "checkpoints": other["meta"].get("checkpoints"),
+             "command": other["meta"].get("command")})
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,12 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("report", type=Path, help="report.json from the evaluation harness")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help=f"markdown to write (default: {_shown(DEFAULT_OUT)})")
+    parser.add_argument("--also", type=Path, action="append", default=[],
+                        help="another report.json whose extra methods are added (repeatable)")
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     command = shlex.join(["python", "benchmarks/edit_quality.py", *argv])
     try:
         report = json.loads(args.report.read_text(encoding="utf-8"))
-        text = render(report, args.report, command)
+        others = [(p, json.loads(p.read_text(encoding="utf-8"))) for p in args.also]
+        text = render(merge(report, others), args.report, command)
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

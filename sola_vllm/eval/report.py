@@ -213,6 +213,10 @@ def meta_block(report: dict) -> str:
     seconds = g("seconds")
     took = f"{seconds:.1f} s" if _is_num(seconds) else DASH
     lines.append(f"- **took**: {took}" + (f"; created {g('created')}" if g("created") else ""))
+    for extra in g("merged") or []:
+        lines.append(f"- **{', '.join(extra['methods']) or 'nothing'}** from `{extra['from']}` "
+                     f"(checkpoints {', '.join(str(t) for t in extra['checkpoints'] or [])}): "
+                     f"`{extra.get('command') or DASH}`")
     return "\n".join(lines)
 
 
