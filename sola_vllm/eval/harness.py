@@ -20,12 +20,15 @@ from pathlib import Path
 import torch
 
 from ..config import SolaConfig
+from ..train_many import EditRequest
+from ..train_many import train_edits as train_many
 from .data import EditCase, load, one_per_subject
 from .methods import METHODS, Method, build_methods
 from .outcomes import Outcomes
 
 ENGINES = ("reference", "vllm")
 JOINT_BATCH, JOINT_LR, JOINT_MIN_STEPS = 16, 5e-3, 60  # lora-all: tuned to fit 3 pairs
+TRAIN_CHUNK = 16  # edits trained per pass (sola_vllm.train_many)
 HARD_PROBES = 500  # later edits' prompts probed for hard false fires at each checkpoint
 VIEWS = ("full", "one_per_subject")
 
@@ -176,11 +179,12 @@ def train_edits(engine, method: Method, stream: list[EditCase], path: Path, prog
     have = {e["id"] for e in store.list()}
     todo = [c for c in stream if c.id not in have]
     bar = _bar(progress, len(todo), f"training {method.name}")
-    for case in todo:
-        edit = engine.train([case.prompt], case.target, edit_id=case.id,
-                            config=method.config.train, note=f"eval {method.name}")
-        store.add(edit)
-        bar.update(1)
+    for start in range(0, len(todo), TRAIN_CHUNK):  # independent LoRAs, trained side by side
+        chunk = [EditRequest(c.id, (c.prompt,), c.target, f"eval {method.name}")
+                 for c in todo[start:start + TRAIN_CHUNK]]
+        for edit in train_many(engine, chunk, method.config.train, chunk=TRAIN_CHUNK):
+            store.add(edit)
+        bar.update(len(chunk))
     bar.close()
     by_id = {e.id: e for e in store.all()}
     return [by_id[c.id] for c in stream]
