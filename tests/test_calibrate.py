@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from sola_vllm.cli import main
-from sola_vllm.config import TrainConfig
+from sola_vllm.config import RouterConfig, TrainConfig
 from sola_vllm.engine import Route
 from sola_vllm.eval.calibrate import (
     Outcome,
@@ -304,7 +304,8 @@ def test_calibrate_command_on_a_real_store(capsys, tmp_path, real_store, default
     assert suggested["threshold"] == min(negative)  # 3 negatives, keep 0.99: none may route
     assert max(r["distance"] for r in rows[:2]) < suggested["threshold"]
     assert suggested["hit_rate"] == 1.0 and suggested["false_fire_rate"] == 0.0
-    assert out["current"]["threshold"] == 1e-3 and out["current"]["hit_rate"] == 1.0
+    assert out["current"]["threshold"] == RouterConfig().threshold
+    assert out["current"]["hit_rate"] == 1.0
     assert out["margin"]["separable"] and out["margin"]["min_negative"] == min(negative)
     assert out["distances"]["negative"]["max"] == max(negative)
 

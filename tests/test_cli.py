@@ -95,7 +95,8 @@ def test_export_import_reproduces_identical_bytes(capsys, trained_store, tmp_pat
     code, _ = run(capsys, "edit", "export", "--store", store, "secret", "--out", str(peft_dir),
                   "--peft")
     assert code == 0
-    assert json.loads((peft_dir / "adapter_config.json").read_text())["r"] == 4
+    rank = EditStore(trained_store).get("secret").rank
+    assert json.loads((peft_dir / "adapter_config.json").read_text())["r"] == rank
     assert (peft_dir / "adapter_model.safetensors").exists()
 
 

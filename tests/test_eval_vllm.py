@@ -78,7 +78,7 @@ def test_vllm_metrics_and_tokens_equal_the_reference_engines(tmp_path, monkeypat
     # token parity: every generation equals the reference engine's for the same prompt, length
     # and route (the reference routed each edit prompt to its own edit and nothing else)
     routing = [r["routing"] for r in want["checkpoints"]]
-    assert all(r == {"prompt_hit": 1.0, "paraphrase_hit": 0.0, "false_fire": 0.0}
+    assert all((r["prompt_hit"], r["paraphrase_hit"], r["false_fire"]) == (1.0, 0.0, 0.0)
                for r in routing), routing
     _, stream = harness.edit_stream(cfg)
     owner = {c.prompt: c.id for c in stream}

@@ -1,7 +1,6 @@
 """Training many edits side by side equals training each alone (up to matmul rounding)."""
 
 import pytest
-import torch
 
 from sola_vllm.config import TrainConfig
 from sola_vllm.train_many import EditRequest, train_edits
@@ -29,7 +28,8 @@ def test_batched_training_matches_one_edit_at_a_time(fresh_edits, config):
         assert a.id == b.id and a.prompts == b.prompts and a.target == b.target
         assert b.train_info["steps"] == a.train_info["steps"]
         assert b.train_info["fit"] == a.train_info["fit"]
-        torch.testing.assert_close(b.keys, a.keys, rtol=0, atol=1e-4)
+        # keys: the same residual, read from a padded batch (rounding only)
+        assert float((b.keys - a.keys).norm() / a.keys.norm()) < 1e-5
         for name, (la, lb) in a.lora.items():
             delta_a, delta_b = lb @ la, b.lora[name][1] @ b.lora[name][0]  # [out, in]
             error = float((delta_b - delta_a).norm() / delta_a.norm())

@@ -349,6 +349,7 @@ def _atomic(path: Path, write: Callable[[str], None]) -> bool:
         if os.path.getsize(tmp) == 0:
             os.unlink(tmp)
             return False
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; reports are meant to be read by others
         os.replace(tmp, path)
         return True
     except BaseException:
