@@ -108,3 +108,18 @@ def test_cli_missing_data_exits_2(tmp_path, capsys):
                  "--methods", "base", "--out", str(tmp_path), "--json"])
     out = json.loads(capsys.readouterr().out)
     assert code == 2 and "does not exist" in out["error"]
+
+
+def test_base_outputs_are_never_taken_from_a_routed_engine(tmp_path, fresh_edits):
+    """Asking the cache for a prompt's base output while an edit that routes it is active
+    must still give the base model's tokens (a rollback asks exactly that)."""
+    engine = fresh_edits
+    prompt = "The capital of France is"
+    base = engine.generate([prompt], 4)[0].token_ids
+    engine.add(engine.train([prompt], "Rome.", edit_id="rome"))
+    assert engine.generate([prompt], 4)[0].token_ids != base  # the edit routes the prompt
+    cache = Outcomes(tmp_path / "outcomes.jsonl")
+    assert cache.greedy(engine, "v", [prompt], [4], [None]) == [base]
+    assert cache.greedy(engine, "v", [prompt], [4], ["rome"]) != [base]
+    assert cache.route_mismatches == 0 and engine.active == {"rome"}
+    cache.close()

@@ -9,6 +9,7 @@ used is the engine's own decision, checked against the prediction the cache key 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -54,11 +55,15 @@ class Outcomes:
             if key not in self.data and (p, r) not in todo[n]:
                 todo[n].append((p, r))
         for n, items in todo.items():
-            for start in range(0, len(items), BATCH):
-                chunk = items[start:start + BATCH]
-                outs = engine.generate([p for p, _ in chunk], max_new_tokens=n)
-                for (p, r), out in zip(chunk, outs, strict=True):
-                    self._store("greedy", variant, p, n, r, out.route.edit_id, out.token_ids)
+            for unrouted in (True, False):  # base outputs come from an engine with no key
+                group = [(p, r) for p, r in items if (r is None) == unrouted]
+                with _no_keys(engine, unrouted):
+                    for start in range(0, len(group), BATCH):
+                        chunk = group[start:start + BATCH]
+                        outs = engine.generate([p for p, _ in chunk], max_new_tokens=n)
+                        for (p, r), out in zip(chunk, outs, strict=True):
+                            self._store("greedy", variant, p, n, r, out.route.edit_id,
+                                        out.token_ids)
         return [self.data[k] for k in keys]
 
     def forced(self, engine, variant: str, prompts: list[str], targets: list[list[int]],
@@ -71,15 +76,37 @@ class Outcomes:
             if key not in self.data and key not in seen:
                 seen.add(key)
                 todo.append((p, t, r))
-        for start in range(0, len(todo), BATCH):
-            chunk = todo[start:start + BATCH]
-            preds, got = engine.teacher_forced([p for p, _, _ in chunk], [t for _, t, _ in chunk])
-            for (p, t, r), pred, route in zip(chunk, preds, got, strict=True):
-                self._store("forced", variant, p, t, r, route.edit_id, pred)
+        for unrouted in (True, False):
+            group = [item for item in todo if (item[2] is None) == unrouted]
+            with _no_keys(engine, unrouted):
+                for start in range(0, len(group), BATCH):
+                    chunk = group[start:start + BATCH]
+                    preds, got = engine.teacher_forced([p for p, _, _ in chunk],
+                                                       [t for _, t, _ in chunk])
+                    for (p, t, r), pred, route in zip(chunk, preds, got, strict=True):
+                        self._store("forced", variant, p, t, r, route.edit_id, pred)
         return [self.data[k] for k in keys]
 
     def _store(self, kind, variant, prompt, extra, expected, actual, value) -> None:
-        if actual != expected:  # the engine decided otherwise: keep what it really did
+        """Keep an output under the route the engine really took. A route other than the
+        predicted one (a distance within rounding of the threshold) is counted, and the
+        prediction's entry then holds what the engine really did for that prompt."""
+        self.put(self.key(kind, variant, actual, prompt, extra), value)
+        if actual != expected:
             self.route_mismatches += 1
-            self.put(self.key(kind, variant, actual, prompt, extra), value)
-        self.put(self.key(kind, variant, expected, prompt, extra), value)
+            self.put(self.key(kind, variant, expected, prompt, extra), value)
+
+
+@contextlib.contextmanager
+def _no_keys(engine, enabled: bool):
+    """Base outputs are generated with no key active, so nothing can route them, whatever
+    edits the evaluation has active at the time."""
+    if not enabled:
+        yield
+        return
+    active = set(engine.active)
+    engine.set_active([])
+    try:
+        yield
+    finally:
+        engine.set_active(active)
