@@ -129,9 +129,11 @@ def _training_batch(examples, pad_id: int) -> dict[str, torch.Tensor]:
             "label_cols": torch.tensor(cols), "labels": torch.tensor(labels)}
 
 
-def _init_lora(engine, seed: int, init_std: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _init_lora(engine, seed: int, init_std: float,
+               rank: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A ~ N(0, init_std) [rank, in], B = 0 [out, rank] per edited module (rank: the edits')."""
     gen = torch.Generator().manual_seed(seed)
-    rank, lora = engine.shape.rank, {}
+    rank, lora = rank or engine.shape.rank, {}
     for layer in engine.shape.layers:
         for module in engine.shape.modules:
             name = lora_name(layer, module)
@@ -150,6 +152,20 @@ def _optimizer(config: TrainConfig, params: list[torch.Tensor]) -> torch.optim.O
     return torch.optim.SGD(params, lr=config.lr, momentum=0.9)
 
 
+def _schedule(config: TrainConfig, opt: torch.optim.Optimizer):
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.steps)
+    return None
+
+
+def _step(opt: torch.optim.Optimizer, schedule, loss: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if schedule is not None:
+        schedule.step()
+
+
 def _fit(engine, batch, lora, config: TrainConfig, on_step: Callable | None) -> dict:
     """Optimise the LoRA; stops early once every target token is the argmax and loss is low."""
     from .lora import apply_indices
@@ -159,8 +175,7 @@ def _fit(engine, batch, lora, config: TrainConfig, on_step: Callable | None) -> 
     slots = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long)
     engine.ctx.plan = [(_TRAIN_ID, apply_indices(slots, batch["apply_mask"])[0])]
     opt = _optimizer(config, [t for pair in lora.values() for t in pair])
-    schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.steps)
-                if config.schedule == "cosine" else None)
+    schedule = _schedule(config, opt)
     lm_head = engine.model.get_output_embeddings()
     info = {"steps": 0, "loss": float("nan"), "fit": False}
     try:
@@ -176,11 +191,7 @@ def _fit(engine, batch, lora, config: TrainConfig, on_step: Callable | None) -> 
                     on_step(step, info["loss"])
                 if step == config.steps or (correct and info["loss"] < config.stop_loss):
                     break
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if schedule is not None:
-                    schedule.step()
+                _step(opt, schedule, loss)
     finally:
         engine.ctx.plan = []
         for module in engine.modules.values():

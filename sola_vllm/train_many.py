@@ -24,6 +24,8 @@ from .train import (
     _examples,
     _init_lora,
     _optimizer,
+    _schedule,
+    _step,
     _training_batch,
     residual_at_key_layer,
     upper_layers_only,
@@ -99,8 +101,7 @@ def _fit_many(engine, batch, rows_of, loras, config: TrainConfig) -> list[dict]:
         for name, (a, b) in lora.items():
             engine.modules[name].set_adapter(_adapter(i), a, b, engine.shape.scale)
     opt = _optimizer(config, [t for lora in loras for pair in lora.values() for t in pair])
-    schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.steps)
-                if config.schedule == "cosine" else None)
+    schedule = _schedule(config, opt)
     infos = [{"steps": 0, "loss": float("nan"), "fit": False} for _ in loras]
     live = list(range(len(loras)))
     lm_head = engine.model.get_output_embeddings()
@@ -125,11 +126,7 @@ def _fit_many(engine, batch, rows_of, loras, config: TrainConfig) -> list[dict]:
                 live = still
                 if not live:
                     break
-                opt.zero_grad(set_to_none=True)
-                torch.stack(losses).sum().backward()
-                opt.step()
-                if schedule is not None:
-                    schedule.step()
+                _step(opt, schedule, torch.stack(losses).sum())
     finally:
         engine.ctx.plan = []
         for module in engine.modules.values():

@@ -20,9 +20,15 @@ import torch
 from torch import nn
 
 from ..config import RouterConfig
-from ..edit import Edit, lora_name, validate_id
+from ..edit import Edit, validate_id
 from ..lora import apply_indices
-from ..train import _examples, _training_batch, residual_at_key_layer, upper_layers_only
+from ..train import (
+    _examples,
+    _init_lora,
+    _training_batch,
+    residual_at_key_layer,
+    upper_layers_only,
+)
 
 _JOINT_ID = "__joint_training__"
 # Below float32's max (~3.4e38) so the kernels' fp32 threshold stays finite; any real distance
@@ -125,17 +131,8 @@ def _minibatch(engine, examples: list[Example], residuals: list[torch.Tensor],
 
 def _init_joint_lora(engine, rank: int, seed: int,
                      init_std: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Like `train._init_lora` at rank `rank`: A ~ N(0, init_std) [rank, in], B = 0 [out, rank]."""
-    gen = torch.Generator().manual_seed(seed)
-    lora = {}
-    for layer in engine.shape.layers:
-        for module in engine.shape.modules:
-            name = lora_name(layer, module)
-            m = engine.modules[name]
-            a = (torch.randn(rank, m.in_features, generator=gen) * init_std).requires_grad_()
-            b = torch.zeros(m.out_features, rank, requires_grad=True)
-            lora[name] = (a, b)
-    return lora
+    """`train._init_lora` at rank `rank`: A ~ N(0, init_std) [rank, in], B = 0 [out, rank]."""
+    return _init_lora(engine, seed, init_std, rank)
 
 
 def _step_loss(engine, backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
