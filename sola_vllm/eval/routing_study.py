@@ -18,18 +18,9 @@ from pathlib import Path
 
 import torch
 
+from ..kernels.nearest_key import pairwise_distance_ref
 from .data import EditCase, load, one_per_subject
 from .states import residual_states, subject_token
-
-
-def distances(q: torch.Tensor, k: torch.Tensor, metric: str) -> torch.Tensor:
-    """q [T, d], k [N, d] -> fp32 [T, N]."""
-    if metric == "cosine":
-        qn = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        kn = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        return (1 - qn @ kn.T).clamp_min(0)
-    return torch.cdist(q, k)
-
 
 MODES = ("last", "subject", "mean", "mean1")
 
@@ -54,7 +45,7 @@ def nearest(states: list[torch.Tensor], keys: torch.Tensor, metric: str,
     idx, dist = [], []
     for s in states:
         q = query_rows(s, mode)
-        d = distances(q, keys, metric).min(dim=0).values  # [N]
+        d = pairwise_distance_ref(q, keys, metric).min(dim=0).values  # [N]
         best = int(d.argmin())
         idx.append(best)
         dist.append(float(d[best]))
