@@ -1,7 +1,7 @@
 """SolaRuntime: the edits, keys and per-request routes of one vLLM model (in its worker).
 
-Capacity is preallocated at start: `max_edits` LoRA slots (stacked [S, r_max, in] / [S, out, r_max]
-fp32 tensors per edited module) and `max_keys` key rows ([K, d] fp32). An edit's keys route to its
+Capacity is preallocated at start: `max_edits` LoRA slots (`LoraStacks`: one fp32 table per
+edited module) and `max_keys` key rows ([K, d] fp32). An edit's keys route to its
 slot while it is active; revoking it clears the keys' owners, so no new request routes to it,
 while requests already routed keep their edit until they finish (decision 3: a response is
 either wholly edited or wholly base). Routes are decided once per request at its key token and
@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sola_vllm.kernels.nearest_key import nearest_key_ref
+from sola_vllm.kernels.nearest_key import nearest_key_ref, unit_rows
 
 from ..edit import Edit, mismatch
 from .config import ServingConfig
+from .lora_stacks import LoraStacks, RoutedTokens
 
 UNDECIDED = -2
 MAX_PENDING_CAPTURES = 4096
@@ -66,29 +67,22 @@ class SolaRuntime:
         self.config = config
         self.hidden_size = hidden_size
         self.targets = targets  # per patched vLLM linear: the edited modules it holds
-        s, r = config.max_edits, config.max_rank
-        self.lora_a: dict[str, torch.Tensor] = {}
-        self.lora_b: dict[str, torch.Tensor] = {}
-        for group in targets:
-            for t in group:
-                self.lora_a[t.name] = torch.zeros(s, r, t.in_features, dtype=torch.float32)
-                self.lora_b[t.name] = torch.zeros(s, t.out_features, r, dtype=torch.float32)
+        self.lora = LoraStacks(targets, config.max_edits, config.max_rank)
         # vLLM builds models under the model dtype as torch's default: name fp32 explicitly
         self.keys = torch.zeros(config.max_keys, hidden_size, dtype=torch.float32)
         self.key_owner = torch.full((config.max_keys,), -1, dtype=torch.int32)
         self.tok_slot = torch.full((max_num_tokens,), -1, dtype=torch.int32)
         self.edits: dict[str, _SlotInfo] = {}
-        self.slot_edit: list[str | None] = [None] * s
+        self.slot_edit: list[str | None] = [None] * config.max_edits
         self.free_key_rows = list(range(config.max_keys))
         self.routes: dict[str, int] = {}  # request id -> edit slot (-1: base model)
         self.captures: dict[str, torch.Tensor] = {}  # capture id -> fp32 key
         self.expected: set[str] = set()  # capture ids announced by an RPC (clients can't forge)
-        self.hits = np.zeros(s, dtype=np.int64)  # routed requests per slot
+        self.hits = np.zeros(config.max_edits, dtype=np.int64)  # routed requests per slot
         self.recomputed_keys = 0  # key tokens seen again (preemption + recompute): route kept
         self.step: StepMeta | None = None
-        self._groups: list[tuple[int, torch.Tensor]] = []  # (slot, token indices), this forward
-        self._grouped_tokens = 0
-        self._active: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._routed = RoutedTokens.from_slots(self.tok_slot[:0])  # this forward's routed tokens
+        self._active: tuple | None = None  # see active_keys
 
     # --- edits ----------------------------------------------------------------------------------
     def check_edit(self, edit: Edit, keys: torch.Tensor) -> None:
@@ -114,9 +108,9 @@ class SolaRuntime:
             raise CapacityError(f"edit {edit.id} needs {keys.shape[0]} key rows; "
                                 f"{len(self.free_key_rows)} of {cfg.max_keys} are free")
         for name, (a, b) in edit.lora.items():
-            if name not in self.lora_a:
+            if name not in self.lora.names():
                 raise ValueError(f"edit {edit.id}: module {name} is not edited by this server")
-            if a.shape[1] != self.lora_a[name].shape[2] or b.shape[0] != self.lora_b[name].shape[1]:
+            if (a.shape[1], b.shape[0]) != self.lora.in_out(name):
                 raise ValueError(f"edit {edit.id}: {name} has A {tuple(a.shape)}, B "
                                  f"{tuple(b.shape)}, which do not fit the model's module")
 
@@ -125,9 +119,7 @@ class SolaRuntime:
         self.check_edit(edit, keys)
         slot = self.slot_edit.index(None)
         rows = [self.free_key_rows.pop(0) for _ in range(keys.shape[0])]
-        for name, (a, b) in edit.lora.items():
-            self.lora_a[name][slot].zero_()[: edit.rank].copy_(a)
-            self.lora_b[name][slot].zero_()[:, : edit.rank].copy_(b)
+        self.lora.write(slot, edit.lora, edit.rank, float(edit.scale))
         self.keys[rows] = keys
         self.slot_edit[slot] = edit.id
         self.hits[slot] = 0
@@ -168,6 +160,7 @@ class SolaRuntime:
                 "keys_in_use": self.config.max_keys - len(self.free_key_rows),
                 "max_keys": self.config.max_keys, "requests_in_flight": len(self.routes),
                 "pending_captures": len(self.captures) + len(self.expected),
+                "routed_requests": int(self.hits.sum()),
                 "recomputed_key_tokens": self.recomputed_keys}
 
     def _info(self, edit_id: str) -> _SlotInfo:
@@ -175,10 +168,14 @@ class SolaRuntime:
             raise KeyError(f"no edit {edit_id!r} is loaded")
         return self.edits[edit_id]
 
-    def active_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def active_keys(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(keys [N, d], owners [N], unit keys for cosine or None) of the routed keys, rebuilt
+        only after a change: a step with key tokens then only normalizes its queries."""
         if self._active is None:
             rows = (self.key_owner >= 0).nonzero().squeeze(1)
-            self._active = (self.keys[rows].contiguous(), self.key_owner[rows].contiguous())
+            keys = self.keys[rows].contiguous()
+            units = unit_rows(keys) if self.config.metric == "cosine" else None
+            self._active = (keys, self.key_owner[rows].contiguous(), units)
         return self._active
 
     def expect_captures(self, capture_ids: list[str]) -> None:
@@ -221,17 +218,14 @@ class SolaRuntime:
         self.set_token_slots(slots)
 
     def set_token_slots(self, slots: torch.Tensor) -> None:
-        """Write each token's edit slot (int32 [T], -1 = none) and group the routed tokens by
-        edit once per forward: every edited linear of the forward reuses the groups."""
+        """Write each token's edit slot (int32 [T], -1 = none) and collect the routed tokens
+        once per forward: every edited linear of the forward reuses them."""
         num_tokens = slots.shape[0]
         if num_tokens > self.tok_slot.shape[0]:
             raise RuntimeError(f"{num_tokens} tokens in one forward; the buffer holds "
                                f"{self.tok_slot.shape[0]}")
         self.tok_slot[:num_tokens] = slots
-        routed = slots >= 0
-        self._groups = [(slot, (slots == slot).nonzero().squeeze(1))
-                        for slot in torch.unique(slots[routed]).tolist()]
-        self._grouped_tokens = num_tokens
+        self._routed = RoutedTokens.from_slots(slots)
 
     def _decide(self, hidden: torch.Tensor, is_key: np.ndarray, rows: np.ndarray) -> None:
         step = self.step
@@ -247,10 +241,10 @@ class SolaRuntime:
         todo = [int(t) for t in is_key if step.req_ids[int(rows[t])] not in self.routes]
         if not todo:
             return
-        keys, owners = self.active_keys()
+        keys, owners, units = self.active_keys()
         queries = hidden[todo].float()  # [n_key, d]
         slots, _, _ = nearest_key_ref(queries, keys, owners, self.config.threshold,
-                                      self.config.metric)
+                                      self.config.metric, key_units=units)
         for t, slot in zip(todo, slots.tolist(), strict=True):
             self.routes[step.req_ids[int(rows[t])]] = slot
             if slot >= 0:
@@ -258,16 +252,9 @@ class SolaRuntime:
 
     def apply(self, group: int, y: torch.Tensor, x: torch.Tensor) -> None:
         """y: [T, out] base output of linear `group` (updated in place), x: [T, in] its input.
-        Adds each routed token's LoRA delta, one matmul pair per distinct edit in the batch
-        (the groups `route` made for this forward); tokens with slot -1 are never written."""
-        if y.shape[0] != self._grouped_tokens:
-            raise RuntimeError(f"the router saw {self._grouped_tokens} tokens in this forward, "
-                               f"an edited linear {y.shape[0]}")
-        for slot, idx in self._groups:
-            info = self.edits[self.slot_edit[slot]]
-            xs = x[idx].float()  # [n, in]
-            for t in self.targets[group]:
-                a = self.lora_a[t.name][slot, : info.rank]  # [r, in]
-                b = self.lora_b[t.name][slot, :, : info.rank]  # [out, r]
-                delta = ((xs @ a.T) @ b.T) * info.scale  # [n, out] fp32
-                y[:, t.offset: t.offset + t.out_features].index_add_(0, idx, delta.to(y.dtype))
+        Adds each routed token's LoRA delta (see `LoraStacks.apply`); tokens with slot -1 are
+        never written."""
+        if y.shape[0] != self._routed.num_tokens:
+            raise RuntimeError(f"the router saw {self._routed.num_tokens} tokens in this "
+                               f"forward, an edited linear {y.shape[0]}")
+        self.lora.apply(group, y, x, self._routed)
