@@ -260,19 +260,28 @@ def nearest_key(queries, keys, owners, threshold, metric="cosine", valid=None, k
     return edit, dist, index
 
 
-def pairwise_distance_ref(queries: torch.Tensor, keys: torch.Tensor, metric: str) -> torch.Tensor:
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Each row of x (fp32) divided by its norm (floored at 1e-12): what the cosine reference
+    compares. A caller may keep `unit_rows(keys)` and pass it as `key_units` below."""
+    x = x.float()
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(_COS_EPS)
+
+
+def pairwise_distance_ref(queries: torch.Tensor, keys: torch.Tensor, metric: str,
+                          key_units: torch.Tensor | None = None) -> torch.Tensor:
     """Semantics: dist[s, n] = ||q[s] - k[n]||_2            (metric "l2")
                   dist[s, n] = 1 - <q[s], k[n]> / (|q[s]| |k[n]|)   (metric "cosine")
     queries: [S, d]  keys: [N, d]  -> fp32 [S, N]. Computed by explicit differences, not the
     |q|^2 + |k|^2 - 2qk expansion, so a query equal to a key gives exactly 0.
+    key_units: `unit_rows(keys)`, computed once by a caller that routes against the same keys
+    many times (cosine only; the result is bit-identical to computing it here).
     """
     q, k = queries.float(), keys.float()
     if metric == "l2":
         return torch.cdist(q, k, p=2.0, compute_mode="donot_use_mm_for_euclid_dist")
     if metric == "cosine":
-        qn = q / q.norm(dim=-1, keepdim=True).clamp_min(_COS_EPS)
-        kn = k / k.norm(dim=-1, keepdim=True).clamp_min(_COS_EPS)
-        return (1.0 - qn @ kn.T).clamp_min(0.0)
+        kn = unit_rows(k) if key_units is None else key_units
+        return (1.0 - unit_rows(q) @ kn.T).clamp_min(0.0)
     raise ValueError(f"metric {metric!r} is not one of {METRICS}")
 
 
@@ -301,17 +310,19 @@ def nearest_key_ref(
     threshold: float,
     metric: str = "cosine",
     valid: torch.Tensor | None = None,
+    key_units: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Semantics: n*[s] = argmin_n dist(q[s], k[n])   (ties -> the lowest key index n)
                   edit[s] = owners[n*[s]] if valid[s] and dist(q[s], k[n*[s]]) < threshold
                             else -1
     queries: [S, d]  keys: [N, d]  owners: int [N]  valid: bool [S] (None = all valid)
+    key_units: `unit_rows(keys)` [N, d], precomputed (cosine only; see pairwise_distance_ref)
     -> (edit int32 [S], dist fp32 [S] (inf where skipped or N == 0), key index int64 [S] or -1)
     """
     if keys.shape[0] == 0 or queries.shape[0] == 0:
         return _empty_result(queries)
     _check_inputs(queries, keys, owners, metric)
-    dist = pairwise_distance_ref(queries, keys, metric)  # [S, N]
+    dist = pairwise_distance_ref(queries, keys, metric, key_units)  # [S, N]
     best, index = dist.min(dim=1)  # torch.min returns the first minimum: lowest index wins
     return _finish(best, index, owners, threshold, valid)
 

@@ -76,3 +76,17 @@ def test_shape_errors_are_clear():
         nearest_key_ref(torch.randn(2, 8), torch.randn(3, 9), torch.zeros(3), 1.0, "l2")
     with pytest.raises(ValueError, match="metric"):
         nearest_key_ref(torch.randn(2, 8), torch.randn(3, 8), torch.zeros(3), 1.0, "dot")
+
+
+def test_precomputed_unit_keys_give_bit_identical_results():
+    from sola_vllm.kernels.nearest_key import unit_rows
+
+    gen = torch.Generator().manual_seed(3)
+    keys, queries = torch.randn(257, 61, generator=gen), torch.randn(9, 61, generator=gen)
+    queries[4] = keys[100]  # the same vector: its own key wins either way
+    owners = torch.arange(257, dtype=torch.int32)
+    fresh = nearest_key_ref(queries, keys, owners, 0.5, "cosine")
+    cached = nearest_key_ref(queries, keys, owners, 0.5, "cosine", key_units=unit_rows(keys))
+    for a, b in zip(fresh, cached, strict=True):
+        assert torch.equal(a, b)
+    assert fresh[0][4] == 100 and fresh[1][4] < 1e-6
