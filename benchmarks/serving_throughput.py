@@ -1,124 +1,244 @@
-"""First look at serving cost: plain vLLM against vLLM with the sola-vllm plugin holding 0 and
-1,000 resident edits, with 0 % and 100 % of requests routed. Same model, prompts and greedy
-sampling for every configuration, in one invocation; offline `LLM.generate`.
+"""Serving cost of routed edits: plain vLLM against vLLM with the sola-vllm plugin at 0, 100,
+1,000 and 10,000 resident edits with 0 %, 50 % and 100 % of requests routed, and against vLLM's
+own multi-LoRA (`enable_lora`, the same edits as explicit per-request adapters). Same model,
+prompts and greedy sampling (`ignore_eos`, so every request makes `--max-tokens` tokens) for
+every configuration, in one invocation.
 
-Resident edits are synthetic (random rank-4 LoRA weights; keys captured by the engine from
-zsRE questions, as for real edits): training 1,000 edits would take an hour here, and the
-serving cost does not depend on what the weights say. Routed requests are those questions;
-unrouted ones are zsRE's unrelated `loc` questions.
+Every measurement of a sola-vllm or LoRA configuration is paired with a plain-vLLM measurement
+taken right after it, and the ratio is taken within the pair: slow drifts of the machine (other
+load, heat) then cancel instead of landing on whichever configuration ran during them.
 
-    .venv/bin/python benchmarks/serving_throughput.py --edits 1000 --requests 64
+    offline: `LLM` engines stepped by hand, so time to first token (TTFT) and time per output
+             token (TPOT, per request: (last - first token) / (tokens - 1)) are measured per
+             request; all requests arrive at once.
+    http:    `sola-vllm serve` and vLLM's plain API server on loopback, streaming completions
+             from `--concurrency` clients (see `http_load.py`).
+
+    .venv/bin/python benchmarks/serving_throughput.py                 # the full sweep
+    .venv/bin/python benchmarks/serving_throughput.py --quick         # a 2-minute smoke run
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import platform
 import sys
+import tempfile
 import time
-from functools import partial
+import uuid
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "zsre_mend_eval_1000.json"
+from serving_workload import (  # noqa: E402
+    RESULTS,
+    edit_prompts,
+    machine,
+    mix,
+    percentiles,
+    synthetic_edits,
+    write_json,
+    zsre_prompts,
+)
 
-
-def synthetic_edits(serving, questions, rank=4, seed=0):
-    from sola_vllm.edit import Edit, lora_name
-
-    gen = torch.Generator().manual_seed(seed)
-    dims = {"mlp.up_proj": (576, 1536), "mlp.down_proj": (1536, 576)}
-    edits = []
-    for i, question in enumerate(questions):
-        lora = {lora_name(layer, m): (torch.randn(rank, dims[m][0], generator=gen) * 0.01,
-                                      torch.randn(dims[m][1], rank, generator=gen) * 0.01)
-                for layer in serving.layers for m in serving.modules}
-        edits.append(Edit(id=f"syn-{i}", prompts=[question], target="x",
-                          keys=torch.ones(1, 576), lora=lora,
-                          model_fingerprint=serving.model_fingerprint,
-                          shape_fingerprint=serving.shape_fingerprint, arch="llama",
-                          layers=list(serving.layers), modules=list(serving.modules),
-                          rank=rank, scale=1.0))
-    return edits
+ENGINE = dict(dtype="bfloat16", enforce_eager=True, max_model_len=1024,
+              gpu_memory_utilization=0.5, seed=0)
 
 
-def run(llm_generate, prompts, max_tokens) -> dict:
+# --- measuring one configuration -----------------------------------------------------------------
+def measure(llm, prompts: list[str], max_tokens: int, lora_requests=None) -> dict:
+    """Submit every prompt at once and step the engine until all finish."""
     from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    llm_generate(prompts[:4], params)  # warm-up
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True,
+                            output_kind=RequestOutputKind.CUMULATIVE)
+    engine, tag = llm.llm_engine, uuid.uuid4().hex[:8]
     started = time.perf_counter()
-    outs = llm_generate(prompts, params)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"bench-{tag}-{i}", prompt, params,
+                           lora_request=lora_requests[i] if lora_requests else None)
+    first, last, made = {}, {}, {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            now, count = time.perf_counter(), len(out.outputs[0].token_ids)
+            if count and out.request_id not in first:
+                first[out.request_id] = now
+            last[out.request_id], made[out.request_id] = now, count
     seconds = time.perf_counter() - started
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {"seconds": seconds, "output_tokens": tokens, "tokens_per_s": tokens / seconds}
+    tokens = sum(made.values())
+    ttft = [first[r] - started for r in first]
+    tpot = [(last[r] - first[r]) / (made[r] - 1) for r in first if made[r] > 1]
+    return {"requests": len(prompts), "seconds": seconds, "output_tokens": tokens,
+            "tokens_per_s": tokens / seconds, "ttft_s": percentiles(ttft),
+            "tpot_s": percentiles(tpot)}
+
+
+def paired(name: str, run_config, run_plain, results: dict, extra: dict | None = None) -> None:
+    """Measure a configuration, then plain vLLM; store both and their ratios."""
+    got = run_config()
+    base = run_plain()
+    got["plain"] = base
+    got["ratio_tokens_per_s"] = got["tokens_per_s"] / base["tokens_per_s"]
+    got["ratio_tpot_p50"] = got["tpot_s"]["p50"] / base["tpot_s"]["p50"]
+    got["ratio_ttft_p50"] = got["ttft_s"]["p50"] / base["ttft_s"]["p50"]
+    got.update(extra or {})
+    results[name] = got
+    print(f"  {name:<34} {got['tokens_per_s']:7.1f} tok/s  x{got['ratio_tokens_per_s']:.3f}  "
+          f"TPOT p50 {got['tpot_s']['p50'] * 1e3:7.1f} ms x{got['ratio_tpot_p50']:.3f}  "
+          f"TTFT p50 {got['ttft_s']['p50']:6.2f} s  (plain {base['tokens_per_s']:.1f} tok/s)",
+          flush=True)
+
+
+def warm(llm, prompts: list[str]) -> None:
+    measure(llm, prompts[:4], 4)
+
+
+def close(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    gc.collect()
+
+
+# --- the sweeps ----------------------------------------------------------------------------------
+def routed_hits(sola) -> int:
+    stats = sola.stats()
+    if "routed_requests" in stats:
+        return int(stats["routed_requests"])
+    return sum(e["hits"] for e in sola.list_edits())  # servers from before that stat
+
+
+def sola_sweep(args, model: Path, questions, unrelated, run_plain, results: dict) -> list:
+    from sola_vllm.config import EditConfig
+    from sola_vllm.serving.llm import SolaLLM
+
+    top = max(args.edits)
+    started = time.perf_counter()
+    sola = SolaLLM(model, max_edits=max(top, 1), max_keys=max(top, 1), **ENGINE)
+    results["startup_sola_s"] = time.perf_counter() - started
+    warm(sola.llm, unrelated)
+    prompts = edit_prompts(top, questions)
+    rank = EditConfig().rank
+    resident, kept = 0, []
+    for count in sorted(args.edits):
+        if count > resident:
+            edits = synthetic_edits(sola.serving, prompts[resident:count], rank, first=resident)
+            kept += edits[: max(0, args.lora_adapters - len(kept))]
+            started = time.perf_counter()
+            sola.add_edits(edits)
+            results[f"add_{resident}_to_{count}_s"] = time.perf_counter() - started
+            resident = count
+        for percent in (args.routed if count else [0]):
+            batch = mix(prompts, unrelated, args.requests, percent)
+            resident_prompts = set(prompts[:count])
+            expected = sum(p in resident_prompts for p in batch)
+            before = routed_hits(sola)
+            paired(f"sola_{count}_edits_{percent}pct_routed",
+                   lambda b=batch: measure(sola.llm, b, args.max_tokens), run_plain, results,
+                   {"edits": count, "routed_percent": percent, "expected_routed": expected})
+            got = routed_hits(sola) - before
+            results[f"sola_{count}_edits_{percent}pct_routed"]["routed_requests"] = got
+            if got != expected:
+                print(f"  WARNING: {got} requests routed, {expected} expected", flush=True)
+    close(sola.llm)
+    return kept
+
+
+def lora_sweep(args, model: Path, edits, unrelated, run_plain, results: dict) -> None:
+    """vLLM's own multi-LoRA: each edit exported as a PEFT adapter, routed requests name
+    their edit's adapter explicitly (the user's alternative to routing)."""
+    from vllm import LLM
+    from vllm.lora.request import LoRARequest
+
+    from sola_vllm.peft_export import export_peft
+
+    folder = Path(tempfile.mkdtemp(prefix="sola-bench-peft-"))
+    adapters = {}
+    for i, edit in enumerate(edits):
+        path = export_peft(edit, folder / edit.id, str(model))
+        adapters[edit.prompts[0]] = LoRARequest(edit.id, i + 1, str(path))
+    os.environ.pop("SOLA_VLLM_PREFIX_GUARD", None)  # a plain vLLM engine with LoRA enabled
+    started = time.perf_counter()
+    llm = LLM(model=str(model), enable_lora=True, max_lora_rank=max(e.rank for e in edits),
+              max_loras=min(len(edits), args.max_loras), max_cpu_loras=len(edits), **ENGINE)
+    results["startup_lora_s"] = time.perf_counter() - started
+    warm(llm, unrelated)
+    prompts = [e.prompts[0] for e in edits]
+    for percent in args.routed:
+        batch = mix(prompts, unrelated, args.requests, percent)
+        loras = [adapters.get(p) for p in batch]
+        measure(llm, batch, 2, loras)  # loads the adapters from disk: not part of serving
+        paired(f"vllm_lora_{len(edits)}_adapters_{percent}pct", lambda b=batch, q=loras:
+               measure(llm, b, args.max_tokens, q), run_plain, results,
+               {"edits": len(edits), "routed_percent": percent,
+                "max_loras": min(len(edits), args.max_loras)})
+    close(llm)
+
+
+def offline(args, results: dict) -> None:
+    from vllm import LLM
+
+    from sola_vllm.models import fetch_default_model
+
+    model = fetch_default_model(progress=False)
+    questions, unrelated = zsre_prompts()
+    started = time.perf_counter()
+    plain = LLM(model=str(model), **ENGINE)
+    results["startup_plain_s"] = time.perf_counter() - started
+    warm(plain, unrelated)
+    plain_prompts = unrelated[: args.requests]
+
+    def run_plain() -> dict:
+        return measure(plain, plain_prompts, args.max_tokens)
+
+    kept = sola_sweep(args, model, questions, unrelated, run_plain, results)
+    if args.lora_adapters:
+        lora_sweep(args, model, kept, unrelated, run_plain, results)
+    close(plain)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--edits", type=int, default=1000)
+    parser.add_argument("--mode", choices=["offline", "http", "all"], default="all")
+    parser.add_argument("--edits", type=lambda s: [int(x) for x in s.split(",")],
+                        default=[0, 100, 1000, 10000])
+    parser.add_argument("--routed", type=lambda s: [int(x) for x in s.split(",")],
+                        default=[0, 50, 100], help="percent of requests routed")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--out", type=Path,
-                        default=ROOT / "benchmarks/results/serving_throughput.json")
+    parser.add_argument("--lora-adapters", type=int, default=100,
+                        help="edits served as vLLM LoRA adapters (0: skip)")
+    parser.add_argument("--max-loras", type=int, default=64,
+                        help="vLLM's max_loras: distinct adapters in one batch")
+    parser.add_argument("--http-edits", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 0 and 20 edits, 8 requests of 8 tokens")
+    parser.add_argument("--out", type=Path, default=RESULTS / "serving_throughput.json")
     args = parser.parse_args()
+    if args.quick:
+        args.edits, args.requests, args.max_tokens = [0, 20], 8, 8
+        args.lora_adapters, args.http_edits, args.concurrency = 8, 20, 4
+    if any(p < 0 or p > 100 for p in args.routed) or any(n < 0 for n in args.edits):
+        parser.error("--routed takes percentages 0..100, --edits counts >= 0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    from vllm import LLM
+    results = {"args": {k: (str(v) if isinstance(v, Path) else v)
+                        for k, v in vars(args).items()},
+               "command": " ".join(sys.argv), "machine": machine(), "offline": {}, "http": {}}
+    print(f"{args.requests} requests x {args.max_tokens} tokens, {ENGINE['dtype']}, eager; "
+          "each configuration is followed by plain vLLM, ratios are within the pair",
+          flush=True)
+    if args.mode in ("offline", "all"):
+        print("offline (LLM engines stepped in this process):", flush=True)
+        offline(args, results["offline"])
+        write_json(args.out, results)
+    if args.mode in ("http", "all"):
+        from http_load import http_sweep
 
-    from sola_vllm.models import fetch_default_model
-    from sola_vllm.serving.llm import SolaLLM
-
-    records = json.loads(DATA.read_text())
-    questions = [r["src"] for r in records][: args.edits]
-    unrouted = [r["loc"].removeprefix("nq question: ") + "?" for r in records][: args.requests]
-    routed = questions[: args.requests]
-    engine = dict(dtype=args.dtype, enforce_eager=True, max_model_len=1024,
-                  gpu_memory_utilization=0.5, seed=0)
-    model = fetch_default_model(progress=False)
-    results = {}
-
-    started = time.perf_counter()
-    plain = LLM(model=str(model), **engine)
-    results["startup_plain_s"] = time.perf_counter() - started
-    results["plain"] = run(partial(plain.generate, use_tqdm=False), unrouted, args.max_tokens)
-    plain.llm_engine.engine_core.shutdown()
-    del plain
-    gc.collect()
-
-    started = time.perf_counter()
-    sola = SolaLLM(model, max_edits=max(args.edits, 1), max_keys=max(args.edits, 1), **engine)
-    results["startup_sola_s"] = time.perf_counter() - started
-    gen = partial(sola.llm.generate, use_tqdm=False)
-    results["sola_0_edits"] = run(gen, unrouted, args.max_tokens)
-    edits = synthetic_edits(sola.serving, questions)
-    started = time.perf_counter()
-    sola.add_edits(edits)
-    results["add_edits_s"] = time.perf_counter() - started
-    results[f"sola_{args.edits}_edits_0pct_routed"] = run(gen, unrouted, args.max_tokens)
-    results[f"sola_{args.edits}_edits_100pct_routed"] = run(gen, routed, args.max_tokens)
-    sola.close()
-
-    base = results["plain"]["tokens_per_s"]
-    print(f"output tokens/s, {args.requests} requests x {args.max_tokens} tokens, {args.dtype}, "
-          f"eager, CPU threads {torch.get_num_threads()}:")
-    for name, value in results.items():
-        if isinstance(value, dict):
-            value["ratio_to_plain"] = value["tokens_per_s"] / base
-            print(f"  {name:<32} {value['tokens_per_s']:8.1f} tok/s  "
-                  f"ratio to plain vLLM {value['ratio_to_plain']:.3f}")
-    print(f"  start-up: plain {results['startup_plain_s']:.1f} s, sola "
-          f"{results['startup_sola_s']:.1f} s; hot-adding {args.edits} edits took "
-          f"{results['add_edits_s']:.1f} s")
-    results["machine"] = {"python": platform.python_version(), "torch": torch.__version__,
-                          "threads": torch.get_num_threads()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+        print(f"http ({args.concurrency} concurrent streaming clients):", flush=True)
+        http_sweep(args, results["http"], paired)
+        write_json(args.out, results)
+    print(f"wrote {args.out}")
     return 0
 
 

@@ -1,0 +1,213 @@
+"""Generate `benchmarks/RESULTS.md` (and the throughput plot) from the benchmarks' JSON files in
+`benchmarks/results/`: serving_throughput.json, edit_ops.json, routing_kernel.json. Sections
+whose JSON is missing say so.
+
+    .venv/bin/python benchmarks/results_md.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+OUT = ROOT / "benchmarks" / "RESULTS.md"
+PLOT = RESULTS / "serving_throughput.png"
+
+# issue #5's targets: (what, configuration name, field, bound, "min" | "max")
+TARGETS = [
+    ("1,000 resident edits, no request routed: throughput", "sola_1000_edits_0pct_routed",
+     "ratio_tokens_per_s", 0.97, "min"),
+    ("1,000 resident edits, every request routed: throughput", "sola_1000_edits_100pct_routed",
+     "ratio_tokens_per_s", 0.90, "min"),
+    ("10,000 resident edits, no request routed: TPOT p50", "sola_10000_edits_0pct_routed",
+     "ratio_tpot_p50", 1.05, "max"),
+    ("10,000 resident edits, every request routed: TPOT p50", "sola_10000_edits_100pct_routed",
+     "ratio_tpot_p50", 1.05, "max"),
+]
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def ms(x: float) -> str:
+    return f"{x * 1e3:.0f}"
+
+
+def machine_lines(data: dict) -> list[str]:
+    m = data.get("machine", {})
+    return [f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores"
+            f"{', GPU ' + m['cuda'] if m.get('cuda') else ', no GPU'}; Python {m.get('python')}, "
+            f"torch {m.get('torch')}, vLLM {m.get('vllm')}; commit {m.get('commit')}.",
+            f"Command: `{data.get('command', '?')}`", ""]
+
+
+def config_rows(section: dict) -> list[str]:
+    rows = ["| configuration | edits | routed | tok/s | ratio | TPOT p50 / p99 (ms) | ratio "
+            "| TTFT p50 / p99 (s) | plain tok/s | routed requests |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in section.items():
+        if not isinstance(r, dict) or "tokens_per_s" not in r:
+            continue
+        routed = r.get("routed_requests")
+        expected = r.get("expected_routed")
+        routed_cell = "" if routed is None else (
+            f"{routed}" + (f" of {expected}" if expected is not None else ""))
+        rows.append(
+            f"| {name} | {r.get('edits', '')} | {r.get('routed_percent', '')} % | "
+            f"{r['tokens_per_s']:.1f} | **{r['ratio_tokens_per_s']:.3f}** | "
+            f"{ms(r['tpot_s']['p50'])} / {ms(r['tpot_s']['p99'])} | {r['ratio_tpot_p50']:.3f} | "
+            f"{r['ttft_s']['p50']:.2f} / {r['ttft_s']['p99']:.2f} | "
+            f"{r['plain']['tokens_per_s']:.1f} | {routed_cell} |")
+    return rows
+
+
+def target_rows(offline: dict) -> list[str]:
+    rows = ["| target | measured | bound | met |", "|---|---|---|---|"]
+    for what, name, field, bound, kind in TARGETS:
+        if name not in offline:
+            rows.append(f"| {what} | not measured | {bound} | - |")
+            continue
+        value = offline[name][field]
+        met = value >= bound if kind == "min" else value <= bound
+        rows.append(f"| {what} | {value:.3f} | {'>=' if kind == 'min' else '<='} {bound} | "
+                    f"{'yes' if met else '**no**'} |")
+    lora = {k: v for k, v in offline.items() if k.startswith("vllm_lora_")}
+    for name, r in lora.items():
+        same = name.replace("vllm_lora_", "sola_").replace("_adapters_", "_edits_") + "_routed"
+        if same in offline:
+            ours, theirs = offline[same]["ratio_tokens_per_s"], r["ratio_tokens_per_s"]
+            rows.append(f"| at least as fast as vLLM multi-LoRA ({r['edits']} adapters, "
+                        f"{r['routed_percent']} % with one) | {ours:.3f} vs {theirs:.3f} | "
+                        f">= | {'yes' if ours >= theirs else '**no**'} |")
+    return rows
+
+
+def plot(data: dict) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for section, style in (("offline", "-o"), ("http", "--s")):
+        by_pct: dict[int, list] = {}
+        for r in data.get(section, {}).values():
+            if isinstance(r, dict) and "edits" in r and "ratio_tokens_per_s" in r \
+                    and "max_loras" not in r:
+                by_pct.setdefault(r["routed_percent"], []).append(
+                    (r["edits"], r["ratio_tokens_per_s"]))
+        for pct, points in sorted(by_pct.items()):
+            points.sort()
+            xs = [max(x, 1) for x, _ in points]
+            ax.plot(xs, [y for _, y in points], style, label=f"{section}, {pct} % routed")
+    lora = [r for r in data.get("offline", {}).values()
+            if isinstance(r, dict) and "max_loras" in r]
+    for r in lora:
+        ax.plot([r["edits"]], [r["ratio_tokens_per_s"]], "kx")
+    if lora:
+        ax.plot([], [], "kx", label="vLLM multi-LoRA (0/50/100 %)")
+    ax.set_xscale("log")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xlabel("resident edits (0 plotted at 1)")
+    ax.set_ylabel("output tokens/s / plain vLLM")
+    ax.set_title("sola-vllm serving throughput vs plain vLLM (paired runs)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def throughput_section(data: dict | None) -> list[str]:
+    out = ["## Serving throughput (`serving_throughput.py`)", ""]
+    if data is None:
+        return out + ["Not measured yet.", ""]
+    args = data.get("args", {})
+    out += machine_lines(data)
+    out += [f"{args.get('requests')} requests x {args.get('max_tokens')} output tokens "
+            "(greedy, `ignore_eos`), bf16, eager. Every configuration is measured, then plain "
+            "vLLM right after it; ratios are within each pair.", ""]
+    if data.get("offline"):
+        out += ["### Offline (`LLM` engine)", "", *target_rows(data["offline"]), "",
+                *config_rows(data["offline"]), ""]
+        adds = {k: v for k, v in data["offline"].items() if k.startswith("add_")}
+        if adds:
+            out += ["Hot-adding the resident edits (key capture in the engine, then one RPC "
+                    "each): " + ", ".join(f"{k[4:].replace('_to_', ' -> ').removesuffix('_s')} "
+                                          f"edits {v:.0f} s" for k, v in adds.items()), ""]
+    if data.get("http"):
+        http = data["http"]
+        out += [f"### HTTP ({args.get('concurrency')} concurrent streaming clients)", "",
+                *config_rows(http), ""]
+        if "push_s" in http:
+            out += [f"{http['push_count']} edits pushed over HTTP before the routed runs: p50 "
+                    f"{ms(http['push_s']['p50'])} ms, p99 {ms(http['push_s']['p99'])} ms.", ""]
+    if plot(data):
+        out += [f"![throughput vs resident edits](results/{PLOT.name})", ""]
+    return out
+
+
+def ops_section(data: dict | None) -> list[str]:
+    out = ["## Hot add and revoke (`edit_ops.py`)", ""]
+    if data is None:
+        return out + ["Not measured yet.", ""]
+    out += machine_lines(data)
+    out += ["| background load | add p50 / p99 (ms) | revoke p50 / p99 (ms) | not visible to "
+            "the next request | background requests served |", "|---|---|---|---|---|"]
+    for name, r in data.items():
+        if name.startswith("load_"):
+            out.append(f"| {r['clients']} clients | {ms(r['add_s']['p50'])} / "
+                       f"{ms(r['add_s']['p99'])} | {ms(r['revoke_s']['p50'])} / "
+                       f"{ms(r['revoke_s']['p99'])} | {r['not_visible_to_next_request']} of "
+                       f"{2 * r['changes']} | {r['background_requests_served']} |")
+    if "memory" in data:
+        m = data["memory"]
+        out += ["", f"Memory per resident edit (rank {m['rank']}): measured "
+                f"{m['measured_bytes_per_resident_edit'] / 1024:.0f} KiB (resident set of the "
+                f"server with all {m['slots']} slots holding an edit, minus a server with one "
+                f"slot; {m['measured_bytes_per_empty_slot'] / 1024:.0f} KiB of it already at "
+                f"start, when the slots are allocated), formula rank*(in+out)*4 per module + "
+                f"keys*d*4 = {m['formula_bytes_per_edit'] / 1024:.0f} KiB."]
+    return out + [""]
+
+
+def kernel_section(data: dict | None) -> list[str]:
+    out = ["## Routing kernel (`routing_kernel.py`)", ""]
+    if data is None:
+        return out + ["Not measured yet.", ""]
+    out += [f"Device: {data.get('device')}; torch {data.get('torch')}, triton "
+            f"{data.get('triton')}. Peak bandwidth used: {data.get('peak_gbps')} GB/s.", "",
+            "| provider | N | d | queries | metric | median ms | GB/s | % of peak |",
+            "|---|---|---|---|---|---|---|---|"]
+    for row in data.get("rows", []):
+        gbps = row.get("gbps")
+        frac = row.get("fraction_of_peak")
+        out.append(f"| {row.get('provider')} | {row.get('num_keys')} | {row.get('dim')} | "
+                   f"{row.get('num_queries')} | {row.get('metric')} | "
+                   f"{row.get('median_ms', float('nan')):.3f} | "
+                   f"{'' if gbps is None else f'{gbps:.0f}'} | "
+                   f"{'' if frac is None else f'{100 * frac:.0f} %'} |")
+    return out + [""]
+
+
+def main() -> int:
+    text = ["# Benchmark results", "",
+            "Generated by `benchmarks/results_md.py` from `benchmarks/results/*.json`; every "
+            "number below comes from one run of the command shown with it.", ""]
+    text += throughput_section(load("serving_throughput.json"))
+    text += ops_section(load("edit_ops.json"))
+    text += kernel_section(load("routing_kernel.json"))
+    OUT.write_text("\n".join(text))
+    print(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
