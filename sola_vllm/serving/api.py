@@ -11,6 +11,11 @@ Entry point `vllm.endpoint_plugins: sola_api`; vLLM loads it only when `VLLM_PLU
     GET    /v1/sola/edits/{id}            one edit, its journal history, its serving state
     DELETE /v1/sola/edits/{id}            revoke: the exact base model again for new requests
     POST   /v1/sola/edits/{id}/restore    route to a revoked edit again
+    GET    /v1/sola/requests/{id}         which edit (if any) shaped a completion: `id` as
+                                          the client saw it (cmpl-..., chatcmpl-...); see
+                                          `lookup.py`
+
+vLLM's `/metrics` also carries the sola_* series (hits per edit, routed vs not; `metrics.py`).
 
 Errors are JSON `{"error": {"message", "type", "code"}}`: 400 malformed JSON or invalid id,
 404 unknown id, 409 duplicate id or already revoked / active, 413 body too large, 415 other
@@ -43,7 +48,9 @@ from fastapi.responses import Response
 
 from ..edit import Edit, EditFormatError
 from .config import ServingConfig
+from .lookup import provenance
 from .manager import EditManager, RequestError, Settings, checked_id
+from .metrics import install_metrics
 
 logger = logging.getLogger("vllm.sola_vllm")  # under vLLM's logger: its handlers and format
 router = APIRouter()
@@ -211,6 +218,14 @@ async def restore_edit(edit_id: str, request: Request) -> Response:
     return await _set_state(edit_id, request, active=True)
 
 
+@router.get("/v1/sola/requests/{request_id}")
+async def get_request(request_id: str, request: Request) -> Response:
+    async def work() -> dict:
+        return await provenance(_manager(request), request_id)
+
+    return await _reply(work())
+
+
 # --- the plugin ---------------------------------------------------------------------------------
 class SolaEndpointPlugin:
     """Zero-argument factory of the `vllm.endpoint_plugins` entry point `sola_api`."""
@@ -233,5 +248,6 @@ class SolaEndpointPlugin:
         manager = EditManager(engine_client, serving, settings)
         await manager.load_store()
         state.sola_edits = manager
+        state.sola_metrics = install_metrics(manager.rpc)  # sola_* series on /metrics
         logger.info("sola-vllm: edit API on /v1/sola/edits (store %s, up to %d edits, "
                     "%d keys)", settings.store, serving.max_edits, serving.max_keys)

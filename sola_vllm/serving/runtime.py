@@ -19,6 +19,7 @@ from sola_vllm.kernels.nearest_key import nearest_key_ref
 
 from ..edit import Edit, mismatch
 from .config import ServingConfig
+from .provenance import RequestLog
 
 UNDECIDED = -2
 MAX_PENDING_CAPTURES = 4096
@@ -84,6 +85,7 @@ class SolaRuntime:
         self.captures: dict[str, torch.Tensor] = {}  # capture id -> fp32 key
         self.expected: set[str] = set()  # capture ids announced by an RPC (clients can't forge)
         self.hits = np.zeros(s, dtype=np.int64)  # routed requests per slot
+        self.request_log = RequestLog(config.request_log)  # provenance and hit counts
         self.recomputed_keys = 0  # key tokens seen again (preemption + recompute): route kept
         self.step: StepMeta | None = None
         self._groups: list[tuple[int, torch.Tensor]] = []  # (slot, token indices), this forward
@@ -131,6 +133,7 @@ class SolaRuntime:
         self.keys[rows] = keys
         self.slot_edit[slot] = edit.id
         self.hits[slot] = 0
+        self.request_log.loaded(edit.id)
         summary = {k: v for k, v in edit.summary().items() if k != "train_info"}
         self.edits[edit.id] = _SlotInfo(slot, rows, edit.rank, float(edit.scale), False, summary)
         if active:
@@ -202,6 +205,7 @@ class SolaRuntime:
     def finish_requests(self, req_ids) -> None:
         for req_id in req_ids:
             self.routes.pop(req_id, None)
+            self.request_log.finish(req_id)
 
     # --- forward: routing at the key layer, LoRA apply in the edited linears -------------------
     def route(self, hidden: torch.Tensor) -> None:
@@ -249,12 +253,15 @@ class SolaRuntime:
             return
         keys, owners = self.active_keys()
         queries = hidden[todo].float()  # [n_key, d]
-        slots, _, _ = nearest_key_ref(queries, keys, owners, self.config.threshold,
-                                      self.config.metric)
-        for t, slot in zip(todo, slots.tolist(), strict=True):
-            self.routes[step.req_ids[int(rows[t])]] = slot
+        slots, dists, _ = nearest_key_ref(queries, keys, owners, self.config.threshold,
+                                          self.config.metric)
+        for t, slot, dist in zip(todo, slots.tolist(), dists.tolist(), strict=True):
+            req_id = step.req_ids[int(rows[t])]
+            self.routes[req_id] = slot
             if slot >= 0:
                 self.hits[slot] += 1
+            self.request_log.record(req_id, slot, self.slot_edit[slot] if slot >= 0 else None,
+                                    dist)
 
     def apply(self, group: int, y: torch.Tensor, x: torch.Tensor) -> None:
         """y: [T, out] base output of linear `group` (updated in place), x: [T, in] its input.

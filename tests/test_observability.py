@@ -1,0 +1,173 @@
+"""Observability: per-edit hit counts on /metrics and provenance (which edit shaped a completion).
+
+Unit tests on the worker-side bookkeeping (SolaRuntime + RequestLog, no vLLM), the Prometheus
+collector and the id matching; then one real server (`sola-vllm serve`, default model) for
+/metrics and /v1/sola/requests/{id} end to end.
+"""
+
+import asyncio
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from test_serving_runtime import HIDDEN, edit, make_runtime, step
+
+from sola_vllm.serving.lookup import checked_request_id
+from sola_vllm.serving.manager import RequestError
+from sola_vllm.serving.metrics import MetricsConfig, MetricsRefresher, SolaCollector
+from sola_vllm.serving.provenance import RequestLog, belongs_to
+
+
+# --- worker-side bookkeeping ----------------------------------------------------------------------
+def _route(runtime, req_ids, key_rows: dict[int, torch.Tensor], captures=None):
+    """One prefill step: each request a 1-token prompt whose key is `key_rows[row]` (or far
+    from every key)."""
+    hidden = torch.randn(len(req_ids), HIDDEN) * 10 + 100
+    for row, key in key_rows.items():
+        hidden[row] = key
+    runtime.step = step(req_ids, [1] * len(req_ids), [[0]] * len(req_ids), captures)
+    runtime.route(hidden)
+
+
+def test_counts_after_routed_and_unrouted_requests_survive_revoke_and_slot_reuse():
+    runtime = make_runtime(max_edits=2)
+    e0, e1 = edit(0), edit(1)
+    runtime.add_edit(e0, e0.keys)
+    runtime.add_edit(e1, e1.keys)
+    runtime.expect_captures(["cap"])
+    _route(runtime, ["a", "b", "c", "d", "cap-req"],
+           {0: e0.keys[0], 1: e0.keys[0], 2: e1.keys[0], 4: e0.keys[0]},
+           captures=[None, None, None, None, "cap"])
+    counts = runtime.request_log.counts()
+    # key captures are internal: neither routed nor unrouted, and not in the log
+    assert (counts["routed"], counts["unrouted"], counts["logged"]) == (3, 1, 4)
+    assert counts["edit_hits"] == {"e0": 2, "e1": 1}
+    runtime.finish_requests(["a", "b", "c", "d", "cap-req"])
+    runtime.set_active("e0", False)  # revoked: its count stays, new requests go unrouted
+    _route(runtime, ["e"], {0: e0.keys[0]})
+    runtime.finish_requests(["e"])
+    runtime.remove_edit("e1")
+    e2 = edit(2)
+    runtime.add_edit(e2, e2.keys)  # reuses e1's slot: starts at 0, e1 keeps its count
+    assert runtime.edits["e2"].slot == 1
+    counts = runtime.request_log.counts()
+    assert counts["edit_hits"] == {"e0": 2, "e1": 1, "e2": 0}
+    assert (counts["routed"], counts["unrouted"]) == (3, 2)
+    assert runtime.request_log.lookup("e")[0]["edit"] is None
+
+
+def test_log_records_edit_distance_and_finish_and_keeps_only_the_last_n():
+    runtime = make_runtime()
+    runtime.request_log = RequestLog(3)
+    e0 = edit(0)
+    runtime.add_edit(e0, e0.keys)
+    _route(runtime, ["r0", "r1"], {0: e0.keys[0]})
+    (hit,) = runtime.request_log.lookup("r0")
+    (miss,) = runtime.request_log.lookup("r1")
+    assert (hit["edit"], hit["slot"], hit["finished"]) == ("e0", 0, False)
+    assert hit["distance"] == 0.0
+    assert (miss["edit"], miss["slot"]) == (None, -1) and miss["distance"] > 0.5
+    runtime.finish_requests(["r0"])
+    assert runtime.request_log.lookup("r0")[0]["finished"] is True
+    _route(runtime, ["r2", "r3", "r4"], {})
+    assert [r.request_id for r in runtime.request_log.records.values()] == ["r2", "r3", "r4"]
+    assert runtime.request_log.lookup("r0") == [] and runtime.request_log.lookup("r1") == []
+    assert runtime.request_log.counts()["unrouted"] == 4  # counters are not bounded by the log
+
+
+def test_no_active_key_gives_a_null_distance():
+    runtime = make_runtime()
+    _route(runtime, ["x"], {})
+    assert runtime.request_log.lookup("x")[0]["distance"] is None
+
+
+@pytest.mark.parametrize("capacity", [0, -1, 2.5, "10"])
+def test_request_log_capacity_is_validated(capacity):
+    with pytest.raises(ValueError, match="capacity"):
+        RequestLog(capacity)
+
+
+@pytest.mark.parametrize("engine_id,response_id,match", [
+    ("cmpl-9f0e-0-1a2b3c4d", "cmpl-9f0e", True),  # completion, one prompt
+    ("cmpl-9f0e-3-1a2b3c4d", "cmpl-9f0e", True),  # its 4th prompt
+    ("2_cmpl-9f0e-0-1a2b3c4d", "cmpl-9f0e", True),  # n > 1: the 3rd sample
+    ("chatcmpl-77-1a2b3c4d", "chatcmpl-77", True),  # chat, one input
+    ("chatcmpl-77_1-1a2b3c4d", "chatcmpl-77", True),  # chat, several inputs
+    ("cmpl-9f0e-0", "cmpl-9f0e", True),  # VLLM_DISABLE_REQUEST_ID_RANDOMIZATION
+    ("cmpl-9f0e-0-1a2b3c4d", "cmpl-9f0e-0-1a2b3c4d", True),  # the engine id itself
+    ("2_cmpl-9f0e-0-1a2b3c4d", "2_cmpl-9f0e-0-1a2b3c4d", True),
+    ("cmpl-9f0e1-0-1a2b3c4d", "cmpl-9f0e", False),  # another completion's id
+    ("cmpl-foo-1-0-1a2b3c4d", "cmpl-foo", False),  # X-Request-Id "foo-1", not "foo"
+    ("chatcmpl-77-1a2b3c4d", "cmpl-77", False),
+    ("cmpl-9f0e-0-1a2b3c4d", "cmpl-9f0e-0-1a2b", False),
+    ("1_cmpl-9f0e-0-1a2b3c4d", "2_cmpl-9f0e", False),
+])
+def test_engine_ids_belong_to_the_completion_the_client_saw(engine_id, response_id, match):
+    assert belongs_to(engine_id, response_id) is match
+
+
+@pytest.mark.parametrize("bad", ["", "-x", "a/b", "a b", "x" * 257, "é", None, 5])
+def test_request_ids_are_validated(bad):
+    with pytest.raises(RequestError) as info:
+        checked_request_id(bad)
+    assert info.value.status == 400
+
+
+# --- the Prometheus collector -------------------------------------------------------------------
+SNAPSHOT = {"edits": [{"id": "rome", "state": "revoked"}, {"id": "mars", "state": "active"}],
+            "stats": {"edits": 2, "max_edits": 4, "keys_in_use": 3, "max_keys": 6,
+                      "requests_in_flight": 1},
+            "routed": 5, "unrouted": 7, "edit_hits": {"rome": 4, "mars": 1, "gone": 0},
+            "logged": 12, "capacity": 100}
+
+
+def scrape(collector) -> dict[tuple[str, tuple], float]:
+    registry = CollectorRegistry()
+    registry.register(collector)
+    text = generate_latest(registry).decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_collector_reports_the_snapshot():
+    collector = SolaCollector()
+    assert scrape(collector) == {("sola_metrics_refresh_errors_total", ()): 0}
+    collector.update(SNAPSHOT)
+    samples = scrape(collector)
+    assert samples[("sola_edit_hits_total", (("edit_id", "rome"),))] == 4
+    assert samples[("sola_edit_hits_total", (("edit_id", "gone"),))] == 0
+    assert samples[("sola_requests_total", (("outcome", "routed"),))] == 5
+    assert samples[("sola_requests_total", (("outcome", "unrouted"),))] == 7
+    assert samples[("sola_edits", (("state", "active"),))] == 1
+    assert samples[("sola_edits", (("state", "revoked"),))] == 1
+    assert samples[("sola_keys_used", ())] == 3 and samples[("sola_edit_slots_max", ())] == 4
+    assert samples[("sola_request_log_entries", ())] == 12
+    assert 0 <= samples[("sola_metrics_age_seconds", ())] < 3600
+
+
+def test_refresher_feeds_the_collector_and_counts_failures():
+    replies = [SNAPSHOT, RuntimeError("engine gone"), {**SNAPSHOT, "routed": 6}]
+
+    async def rpc(method, *args):
+        assert method == "sola_observe" and args == ()
+        reply = replies.pop(0)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    collector = SolaCollector()
+    refresher = MetricsRefresher(rpc, collector, MetricsConfig())
+    assert asyncio.run(refresher.refresh()) and collector.snapshot["routed"] == 5
+    assert not asyncio.run(refresher.refresh())
+    assert collector.errors == 1 and collector.snapshot["routed"] == 5  # last good one kept
+    assert asyncio.run(refresher.refresh()) and collector.snapshot["routed"] == 6
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon", "99999"])
+def test_metrics_interval_is_validated(value):
+    with pytest.raises(ValueError, match="SOLA_VLLM_METRICS_INTERVAL|interval"):
+        MetricsConfig.from_env({"SOLA_VLLM_METRICS_INTERVAL": value})
+    assert MetricsConfig.from_env({}).interval_s == 1.0
+
+
