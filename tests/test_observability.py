@@ -6,11 +6,14 @@ collector and the id matching; then one real server (`sola-vllm serve`, default 
 """
 
 import asyncio
+import time
+import urllib.request
 
 import pytest
 import torch
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from test_http_server import OTHER, ROME, Server, call, push
 from test_serving_runtime import HIDDEN, edit, make_runtime, step
 
 from sola_vllm.serving.lookup import checked_request_id
@@ -171,3 +174,108 @@ def test_metrics_interval_is_validated(value):
     assert MetricsConfig.from_env({}).interval_s == 1.0
 
 
+
+
+# --- the real server ------------------------------------------------------------------------------
+def _get_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=60) as resp:
+        assert resp.status == 200
+        return resp.read().decode()
+
+
+def metrics(url: str) -> dict[tuple[str, tuple], float]:
+    text = _get_text(url + "/metrics")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name.startswith("sola_")}
+
+
+def metrics_once(url: str, ready) -> dict:
+    """/metrics once the snapshot (refreshed every second) satisfies `ready`."""
+    for _ in range(240):
+        samples = metrics(url)
+        if ready(samples):
+            return samples
+        time.sleep(0.5)
+    pytest.fail(f"/metrics never showed the expected counts; last: {samples}")
+
+
+def requests_total(samples, outcome: str) -> float:
+    return samples.get(("sola_requests_total", (("outcome", outcome),)), -1)
+
+
+def hits(samples, edit_id: str) -> float:
+    return samples.get(("sola_edit_hits_total", (("edit_id", edit_id),)), -1)
+
+
+def completion(url: str, prompt, **extra) -> dict:
+    status, reply = call(url, "POST", "/v1/completions", {
+        "prompt": prompt, "max_tokens": 12, "temperature": 0, **extra})
+    assert status == 200, reply
+    return reply
+
+
+def lookup(url: str, request_id: str) -> tuple[int, dict]:
+    return call(url, "GET", f"/v1/sola/requests/{request_id}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("observe")
+    srv = Server(root / "store", root / "server.log")
+    srv.start()  # boots while the edit is trained
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.slow
+def test_metrics_and_provenance_on_the_real_server(server, default_engine):
+    rome = default_engine.train([ROME], "Rome.", edit_id="rome").to_bytes()
+    url = server.url
+    base = completion(url, ROME)
+    status, reply = push(url, rome)
+    assert status == 201, reply
+
+    routed, unrouted = completion(url, ROME), completion(url, OTHER)
+    assert routed["choices"][0]["text"] == " Rome." and routed["id"].startswith("cmpl-")
+    status, prov = lookup(url, routed["id"])
+    assert status == 200 and prov["edits"] == ["rome"], prov
+    (record,) = prov["requests"]
+    assert record["edit"] == "rome" and record["slot"] >= 0 and record["finished"] is True
+    assert record["distance"] < default_engine.config.router.threshold
+    status, prov = lookup(url, unrouted["id"])
+    assert status == 200 and prov["edits"] == [] and prov["requests"][0]["edit"] is None, prov
+    assert prov["requests"][0]["slot"] == -1
+    # key captures of the push are not requests: 1 routed, 2 unrouted (base and OTHER)
+    samples = metrics_once(url, lambda s: requests_total(s, "unrouted") >= 2)
+    assert hits(samples, "rome") == 1 and requests_total(samples, "routed") == 1
+    assert requests_total(samples, "unrouted") == 2
+    assert samples[("sola_edits", (("state", "active"),))] == 1
+
+    # two prompts, two samples each: four engine requests under one completion id
+    multi = completion(url, [ROME, OTHER], n=2, temperature=1.0, seed=0, max_tokens=4)
+    status, prov = lookup(url, multi["id"])
+    assert status == 200 and prov["edits"] == ["rome"], prov
+    assert sorted(str(r["edit"]) for r in prov["requests"]) == ["None", "None", "rome", "rome"]
+    status, chat = call(url, "POST", "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": OTHER}], "max_tokens": 4, "temperature": 0})
+    assert status == 200 and chat["id"].startswith("chatcmpl-"), chat
+    status, prov = lookup(url, chat["id"])
+    assert status == 200 and len(prov["requests"]) == 1 and prov["edits"] == [], prov
+
+    assert call(url, "DELETE", "/v1/sola/edits/rome")[0] == 200
+    after = completion(url, ROME)
+    assert after["choices"][0]["text"] == base["choices"][0]["text"]
+    status, prov = lookup(url, after["id"])
+    assert status == 200 and prov["edits"] == [] and prov["requests"][0]["edit"] is None
+    assert lookup(url, routed["id"])[1]["edits"] == ["rome"]  # what shaped it stays known
+    # revoked: its count stays; the later requests went unrouted (2 + 2 multi + chat + after)
+    samples = metrics_once(url, lambda s: requests_total(s, "unrouted") >= 6)
+    assert hits(samples, "rome") == 3 and requests_total(samples, "routed") == 3
+    assert requests_total(samples, "unrouted") == 6
+    assert samples[("sola_edits", (("state", "revoked"),))] == 1
+    assert samples[("sola_edits", (("state", "active"),))] == 0
+
+    for bad_id, want in (("cmpl-0000000000000000", 404), ("bad%20id", 400), ("-x", 400)):
+        status, reply = lookup(url, bad_id)
+        assert status == want and reply["error"]["message"], (bad_id, reply)
