@@ -6,6 +6,7 @@ collector and the id matching; then one real server (`sola-vllm serve`, default 
 """
 
 import asyncio
+import json
 import time
 import urllib.request
 
@@ -215,6 +216,17 @@ def completion(url: str, prompt, **extra) -> dict:
     return reply
 
 
+def completion_headed(url: str, prompt: str, opt_in: bool) -> tuple[str | None, dict]:
+    """A completion and its X-Sola-Edit header (asked for with X-Sola-Provenance: 1)."""
+    body = json.dumps({"prompt": prompt, "max_tokens": 12, "temperature": 0}).encode()
+    req = urllib.request.Request(url + "/v1/completions", data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    if opt_in:
+        req.add_header("X-Sola-Provenance", "1")
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        return resp.headers.get("X-Sola-Edit"), json.loads(resp.read())
+
+
 def lookup(url: str, request_id: str) -> tuple[int, dict]:
     return call(url, "GET", f"/v1/sola/requests/{request_id}")
 
@@ -236,8 +248,11 @@ def test_metrics_and_provenance_on_the_real_server(server, default_engine):
     status, reply = push(url, rome)
     assert status == 201, reply
 
-    routed, unrouted = completion(url, ROME), completion(url, OTHER)
+    header, routed = completion_headed(url, ROME, opt_in=True)
     assert routed["choices"][0]["text"] == " Rome." and routed["id"].startswith("cmpl-")
+    assert header == "rome"
+    header, unrouted = completion_headed(url, OTHER, opt_in=False)
+    assert header is None  # only when asked for
     status, prov = lookup(url, routed["id"])
     assert status == 200 and prov["edits"] == ["rome"], prov
     (record,) = prov["requests"]
@@ -264,8 +279,8 @@ def test_metrics_and_provenance_on_the_real_server(server, default_engine):
     assert status == 200 and len(prov["requests"]) == 1 and prov["edits"] == [], prov
 
     assert call(url, "DELETE", "/v1/sola/edits/rome")[0] == 200
-    after = completion(url, ROME)
-    assert after["choices"][0]["text"] == base["choices"][0]["text"]
+    header, after = completion_headed(url, ROME, opt_in=True)
+    assert after["choices"][0]["text"] == base["choices"][0]["text"] and header == "-1"
     status, prov = lookup(url, after["id"])
     assert status == 200 and prov["edits"] == [] and prov["requests"][0]["edit"] is None
     assert lookup(url, routed["id"])[1]["edits"] == ["rome"]  # what shaped it stays known
@@ -279,3 +294,51 @@ def test_metrics_and_provenance_on_the_real_server(server, default_engine):
     for bad_id, want in (("cmpl-0000000000000000", 404), ("bad%20id", 400), ("-x", 400)):
         status, reply = lookup(url, bad_id)
         assert status == want and reply["error"]["message"], (bad_id, reply)
+
+
+# --- the X-Sola-Edit header (ASGI middleware on a stand-in app) ----------------------------------
+class _FakeManager:
+    serving = type("Serving", (), {"request_log": 100})()
+
+    async def rpc(self, method, response_id):
+        assert method == "sola_provenance"
+        return {"cmpl-routed": [{"edit": "rome"}, {"edit": None}],
+                "cmpl-base": [{"edit": None}]}.get(response_id, [])
+
+
+def _asgi_app(content_type: bytes, body: bytes):
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", content_type)]})
+        for i in range(0, len(body), 5):  # several body messages, like a chunked response
+            await send({"type": "http.response.body", "body": body[i:i + 5],
+                        "more_body": i + 5 < len(body)})
+    return app
+
+
+def _serve(body: bytes, opt_in: bool, content_type=b"application/json", path="/v1/completions"):
+    from sola_vllm.serving.edit_header import EditHeaderMiddleware
+
+    state = type("State", (), {"sola_edits": _FakeManager()})()
+    scope = {"type": "http", "method": "POST", "path": path,
+             "headers": [(b"x-sola-provenance", b"1")] if opt_in else [],
+             "app": type("App", (), {"state": state})()}
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(EditHeaderMiddleware(_asgi_app(content_type, body))(scope, None, send))
+    headers = dict(sent[0]["headers"])
+    return headers.get(b"x-sola-edit"), b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def test_edit_header_names_the_edits_or_minus_one_and_keeps_the_body():
+    routed, base = b'{"id": "cmpl-routed", "choices": []}', b'{"id": "cmpl-base"}'
+    assert _serve(routed, opt_in=True) == (b"rome", routed)
+    assert _serve(base, opt_in=True) == (b"-1", base)
+    assert _serve(routed, opt_in=False) == (None, routed)  # only when asked for
+    assert _serve(b'{"id": "cmpl-gone"}', opt_in=True)[0] is None  # unknown: no header
+    stream = b'data: {"id": "cmpl-routed"}\n\n'
+    assert _serve(stream, True, content_type=b"text/event-stream") == (None, stream)
+    assert _serve(routed, True, path="/v1/sola/edits") == (None, routed)

@@ -15,7 +15,9 @@ Entry point `vllm.endpoint_plugins: sola_api`; vLLM loads it only when `VLLM_PLU
                                           the client saw it (cmpl-..., chatcmpl-...); see
                                           `lookup.py`
 
-vLLM's `/metrics` also carries the sola_* series (hits per edit, routed vs not; `metrics.py`).
+With `X-Sola-Provenance: 1`, a non-streaming completion answers with `X-Sola-Edit: <edit id(s)>`
+or `X-Sola-Edit: -1` (`edit_header.py`). vLLM's `/metrics` also carries the sola_* series
+(hits per edit, routed vs not; `metrics.py`).
 
 Errors are JSON `{"error": {"message", "type", "code"}}`: 400 malformed JSON or invalid id,
 404 unknown id, 409 duplicate id or already revoked / active, 413 body too large, 415 other
@@ -29,6 +31,8 @@ Settings come from the environment, set by `sola-vllm serve`:
     SOLA_VLLM_MODEL           model folder for server-side training (default: vLLM's --model)
     SOLA_VLLM_CONFIG          SolaConfig as JSON ({"edit", "router", "train"}; default: defaults)
     SOLA_VLLM_MAX_BODY_BYTES  largest accepted request body (default 64 MiB)
+    SOLA_VLLM_METRICS_INTERVAL  seconds between the snapshots behind the sola_* series of
+                              /metrics (default 1; `metrics.py`)
 
 The serving options (layers, fingerprints, capacity) are read from the engine's own
 `hf_overrides["sola"]`. At start-up (`init_state`, which vLLM awaits before it accepts
@@ -48,6 +52,7 @@ from fastapi.responses import Response
 
 from ..edit import Edit, EditFormatError
 from .config import ServingConfig
+from .edit_header import EditHeaderMiddleware
 from .lookup import provenance
 from .manager import EditManager, RequestError, Settings, checked_id
 from .metrics import install_metrics
@@ -235,6 +240,7 @@ class SolaEndpointPlugin:
 
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(router)
+        app.add_middleware(EditHeaderMiddleware)  # opt-in X-Sola-Edit on completions
 
     async def init_state(self, engine_client, state, args) -> None:
         if engine_client is None:  # vLLM's render-only server has no engine
