@@ -63,6 +63,8 @@ def _add_serve(sub) -> None:
     serve.add_argument("--max-edits", type=int, default=1024, help="edit slots (fixed at start)")
     serve.add_argument("--max-keys", type=int, default=4096, help="key rows (fixed at start)")
     serve.add_argument("--max-rank", type=int, default=8, help="largest LoRA rank accepted")
+    serve.add_argument("--request-log", type=int, default=10000,
+                       help="routing decisions kept for GET /v1/sola/requests/{id}")
     _add_model(serve)
     _add_json(serve)
 

@@ -11,6 +11,13 @@ Entry point `vllm.endpoint_plugins: sola_api`; vLLM loads it only when `VLLM_PLU
     GET    /v1/sola/edits/{id}            one edit, its journal history, its serving state
     DELETE /v1/sola/edits/{id}            revoke: the exact base model again for new requests
     POST   /v1/sola/edits/{id}/restore    route to a revoked edit again
+    GET    /v1/sola/requests/{id}         which edit (if any) shaped a completion: `id` as
+                                          the client saw it (cmpl-..., chatcmpl-...); see
+                                          `lookup.py`
+
+With `X-Sola-Provenance: 1`, a non-streaming completion answers with `X-Sola-Edit: <edit id(s)>`
+or `X-Sola-Edit: -1` (`edit_header.py`). vLLM's `/metrics` also carries the sola_* series
+(hits per edit, routed vs not; `metrics.py`).
 
 Errors are JSON `{"error": {"message", "type", "code"}}`: 400 malformed JSON or invalid id,
 404 unknown id, 409 duplicate id or already revoked / active, 413 body too large, 415 other
@@ -24,6 +31,8 @@ Settings come from the environment, set by `sola-vllm serve`:
     SOLA_VLLM_MODEL           model folder for server-side training (default: vLLM's --model)
     SOLA_VLLM_CONFIG          SolaConfig as JSON ({"edit", "router", "train"}; default: defaults)
     SOLA_VLLM_MAX_BODY_BYTES  largest accepted request body (default 64 MiB)
+    SOLA_VLLM_METRICS_INTERVAL  seconds between the snapshots behind the sola_* series of
+                              /metrics (default 1; `metrics.py`)
 
 The serving options (layers, fingerprints, capacity) are read from the engine's own
 `hf_overrides["sola"]`. At start-up (`init_state`, which vLLM awaits before it accepts
@@ -43,7 +52,10 @@ from fastapi.responses import Response
 
 from ..edit import Edit, EditFormatError
 from .config import ServingConfig
+from .edit_header import EditHeaderMiddleware
+from .lookup import provenance
 from .manager import EditManager, RequestError, Settings, checked_id
+from .metrics import install_metrics
 
 logger = logging.getLogger("vllm.sola_vllm")  # under vLLM's logger: its handlers and format
 router = APIRouter()
@@ -211,6 +223,14 @@ async def restore_edit(edit_id: str, request: Request) -> Response:
     return await _set_state(edit_id, request, active=True)
 
 
+@router.get("/v1/sola/requests/{request_id}")
+async def get_request(request_id: str, request: Request) -> Response:
+    async def work() -> dict:
+        return await provenance(_manager(request), request_id)
+
+    return await _reply(work())
+
+
 # --- the plugin ---------------------------------------------------------------------------------
 class SolaEndpointPlugin:
     """Zero-argument factory of the `vllm.endpoint_plugins` entry point `sola_api`."""
@@ -220,6 +240,7 @@ class SolaEndpointPlugin:
 
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(router)
+        app.add_middleware(EditHeaderMiddleware)  # opt-in X-Sola-Edit on completions
 
     async def init_state(self, engine_client, state, args) -> None:
         if engine_client is None:  # vLLM's render-only server has no engine
@@ -233,5 +254,6 @@ class SolaEndpointPlugin:
         manager = EditManager(engine_client, serving, settings)
         await manager.load_store()
         state.sola_edits = manager
+        state.sola_metrics = install_metrics(manager.rpc)  # sola_* series on /metrics
         logger.info("sola-vllm: edit API on /v1/sola/edits (store %s, up to %d edits, "
                     "%d keys)", settings.store, serving.max_edits, serving.max_keys)

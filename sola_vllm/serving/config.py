@@ -29,12 +29,13 @@ class ServingConfig:
     max_edits: int = 1024  # LoRA slots, preallocated at start (revoked edits keep theirs)
     max_keys: int = 4096  # routing keys, preallocated at start
     max_rank: int = 8
+    request_log: int = 10000  # routing decisions kept for provenance lookups (oldest dropped)
 
     def __post_init__(self) -> None:
         self.layers, self.modules = tuple(self.layers), tuple(self.modules)
         if self.metric not in METRICS:
             raise ValueError(f"metric {self.metric!r} is not one of {METRICS}")
-        for name in ("max_edits", "max_keys", "max_rank"):
+        for name in ("max_edits", "max_keys", "max_rank", "request_log"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")

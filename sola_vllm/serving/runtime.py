@@ -20,6 +20,7 @@ from sola_vllm.kernels.nearest_key import nearest_key_ref, unit_rows
 from ..edit import Edit, mismatch
 from .config import ServingConfig
 from .lora_stacks import LoraStacks, RoutedTokens
+from .provenance import RequestLog
 
 UNDECIDED = -2
 MAX_PENDING_CAPTURES = 4096
@@ -79,6 +80,7 @@ class SolaRuntime:
         self.captures: dict[str, torch.Tensor] = {}  # capture id -> fp32 key
         self.expected: set[str] = set()  # capture ids announced by an RPC (clients can't forge)
         self.hits = np.zeros(config.max_edits, dtype=np.int64)  # routed requests per slot
+        self.request_log = RequestLog(config.request_log)  # provenance and hit counts
         self.recomputed_keys = 0  # key tokens seen again (preemption + recompute): route kept
         self.step: StepMeta | None = None
         self._routed = RoutedTokens.from_slots(self.tok_slot[:0])  # this forward's routed tokens
@@ -123,6 +125,7 @@ class SolaRuntime:
         self.keys[rows] = keys
         self.slot_edit[slot] = edit.id
         self.hits[slot] = 0
+        self.request_log.loaded(edit.id)
         summary = {k: v for k, v in edit.summary().items() if k != "train_info"}
         self.edits[edit.id] = _SlotInfo(slot, rows, edit.rank, float(edit.scale), False, summary)
         if active:
@@ -160,7 +163,8 @@ class SolaRuntime:
                 "keys_in_use": self.config.max_keys - len(self.free_key_rows),
                 "max_keys": self.config.max_keys, "requests_in_flight": len(self.routes),
                 "pending_captures": len(self.captures) + len(self.expected),
-                "routed_requests": int(self.hits.sum()),
+                "routed_requests": self.request_log.routed,
+                "unrouted_requests": self.request_log.unrouted,
                 "recomputed_key_tokens": self.recomputed_keys}
 
     def _info(self, edit_id: str) -> _SlotInfo:
@@ -199,6 +203,7 @@ class SolaRuntime:
     def finish_requests(self, req_ids) -> None:
         for req_id in req_ids:
             self.routes.pop(req_id, None)
+            self.request_log.finish(req_id)
 
     # --- forward: routing at the key layer, LoRA apply in the edited linears -------------------
     def route(self, hidden: torch.Tensor) -> None:
@@ -243,12 +248,15 @@ class SolaRuntime:
             return
         keys, owners, units = self.active_keys()
         queries = hidden[todo].float()  # [n_key, d]
-        slots, _, _ = nearest_key_ref(queries, keys, owners, self.config.threshold,
-                                      self.config.metric, key_units=units)
-        for t, slot in zip(todo, slots.tolist(), strict=True):
-            self.routes[step.req_ids[int(rows[t])]] = slot
+        slots, dists, _ = nearest_key_ref(queries, keys, owners, self.config.threshold,
+                                          self.config.metric, key_units=units)
+        for t, slot, dist in zip(todo, slots.tolist(), dists.tolist(), strict=True):
+            req_id = step.req_ids[int(rows[t])]
+            self.routes[req_id] = slot
             if slot >= 0:
                 self.hits[slot] += 1
+            self.request_log.record(req_id, slot, self.slot_edit[slot] if slot >= 0 else None,
+                                    dist)
 
     def apply(self, group: int, y: torch.Tensor, x: torch.Tensor) -> None:
         """y: [T, out] base output of linear `group` (updated in place), x: [T, in] its input.

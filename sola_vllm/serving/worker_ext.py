@@ -72,3 +72,16 @@ class SolaWorkerExtension:
     @_result
     def sola_drop_captures(self, capture_ids: list) -> None:
         self._sola().drop_captures([str(c) for c in capture_ids])
+
+    @_result
+    def sola_observe(self) -> dict:
+        """Counters and gauges for /metrics (see `metrics.py`): loaded edits by state,
+        requests routed / not routed, hits per edit id, capacity in use."""
+        runtime = self._sola()
+        edits = [{"id": e["id"], "state": e["state"]} for e in runtime.list_edits()]
+        return {"edits": edits, "stats": runtime.stats(), **runtime.request_log.counts()}
+
+    @_result
+    def sola_provenance(self, response_id: str) -> list:
+        """The logged routing decisions of one completion (see `provenance.belongs_to`)."""
+        return self._sola().request_log.lookup(str(response_id))
