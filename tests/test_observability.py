@@ -119,7 +119,7 @@ def test_request_ids_are_validated(bad):
 
 
 # --- the Prometheus collector -------------------------------------------------------------------
-SNAPSHOT = {"edits": [{"id": "rome", "state": "revoked"}, {"id": "mars", "state": "active"}],
+SNAPSHOT = {"edit_states": {"revoked": 1, "active": 1},
             "stats": {"edits": 2, "max_edits": 4, "keys_in_use": 3, "max_keys": 6,
                       "requests_in_flight": 1},
             "routed": 5, "unrouted": 7, "edit_hits": {"rome": 4, "mars": 1, "gone": 0},

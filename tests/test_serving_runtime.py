@@ -102,7 +102,8 @@ def test_no_step_metadata_means_no_routing():
 def test_capacity_and_validation_refuse_without_changing_anything():
     runtime = make_runtime(max_edits=2, max_keys=3, max_rank=4)
     runtime.add_edit(edit(0), edit(0).keys)
-    before = (runtime.list_edits(), runtime.key_owner.clone(), list(runtime.free_key_rows))
+    before = (runtime.list_edits(), runtime.key_owner.clone(), list(runtime.free_key_rows),
+              list(runtime.free_slots))
     with pytest.raises(CapacityError, match="key rows"):
         runtime.add_edit(edit(1, num_keys=3), edit(1, num_keys=3).keys)
     with pytest.raises(CapacityError, match="max rank"):
@@ -114,7 +115,8 @@ def test_capacity_and_validation_refuse_without_changing_anything():
     with pytest.raises(ValueError, match="already loaded"):
         runtime.add_edit(edit(0), edit(0).keys)
     assert runtime.list_edits() == before[0]
-    assert torch.equal(runtime.key_owner, before[1]) and runtime.free_key_rows == before[2]
+    assert torch.equal(runtime.key_owner, before[1]) and list(runtime.free_key_rows) == before[2]
+    assert list(runtime.free_slots) == before[3]
     runtime.add_edit(edit(5), edit(5).keys)
     with pytest.raises(CapacityError, match="edit slots"):
         runtime.add_edit(edit(6), edit(6).keys)
@@ -145,3 +147,18 @@ def test_only_announced_captures_record_keys_and_they_never_route():
     assert torch.equal(runtime.take_captures(["cap-ok"])[0], e.keys[0])
     with pytest.raises(ValueError, match="no key was captured"):
         runtime.take_captures(["cap-forged"])
+
+
+def test_freed_slots_are_reused_lowest_first_and_key_rows_in_freed_order():
+    runtime = make_runtime(max_edits=4, max_keys=8)
+    for i in range(3):
+        runtime.add_edit(edit(i, num_keys=2), edit(i, num_keys=2).keys)
+    assert [runtime.edits[f"e{i}"].slot for i in range(3)] == [0, 1, 2]
+    runtime.remove_edit("e1")
+    runtime.remove_edit("e0")
+    assert runtime.stats()["keys_in_use"] == 2
+    runtime.add_edit(edit(3, num_keys=3), edit(3, num_keys=3).keys)
+    runtime.add_edit(edit(4), edit(4).keys)
+    assert runtime.edits["e3"].slot == 0 and runtime.edits["e4"].slot == 1
+    # never-used rows first (6, 7), then e1's (2, 3), then e0's (0, 1)
+    assert runtime.edits["e3"].key_rows == [6, 7, 2] and runtime.edits["e4"].key_rows == [3]

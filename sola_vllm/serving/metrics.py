@@ -99,9 +99,7 @@ class SolaCollector(Collector):
 
     @staticmethod
     def _gauges(snap: dict):
-        states = dict.fromkeys(_BASE_STATES, 0)
-        for edit in snap["edits"]:
-            states[edit["state"]] = states.get(edit["state"], 0) + 1
+        states = {**dict.fromkeys(_BASE_STATES, 0), **snap["edit_states"]}
         edits = GaugeMetricFamily("sola_edits", "Edits loaded in the engine, by state",
                                   labels=["state"])
         for state, count in sorted(states.items()):

@@ -10,6 +10,8 @@ kept by request id until the request finishes, so they survive preemption and re
 
 from __future__ import annotations
 
+import heapq
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,7 +77,9 @@ class SolaRuntime:
         self.tok_slot = torch.full((max_num_tokens,), -1, dtype=torch.int32)
         self.edits: dict[str, _SlotInfo] = {}
         self.slot_edit: list[str | None] = [None] * config.max_edits
-        self.free_key_rows = list(range(config.max_keys))
+        # lowest free slot first; key rows in the order they were freed (O(1) per add/remove)
+        self.free_slots = list(range(config.max_edits))  # a heap
+        self.free_key_rows = deque(range(config.max_keys))
         self.routes: dict[str, int] = {}  # request id -> edit slot (-1: base model)
         self.captures: dict[str, torch.Tensor] = {}  # capture id -> fp32 key
         self.expected: set[str] = set()  # capture ids announced by an RPC (clients can't forge)
@@ -99,7 +103,7 @@ class SolaRuntime:
         if edit.rank > cfg.max_rank:
             raise CapacityError(f"edit {edit.id} has rank {edit.rank}; the server's max rank is "
                                 f"{cfg.max_rank}")
-        if None not in self.slot_edit:
+        if not self.free_slots:
             raise CapacityError(f"all {cfg.max_edits} edit slots are in use")
         if keys.ndim != 2 or keys.shape[1] != self.hidden_size or keys.shape[0] == 0:
             raise ValueError(f"edit {edit.id}: keys of shape {tuple(keys.shape)}, expected "
@@ -119,8 +123,8 @@ class SolaRuntime:
     def add_edit(self, edit: Edit, keys: torch.Tensor, active: bool = True) -> dict:
         keys = keys.float()
         self.check_edit(edit, keys)
-        slot = self.slot_edit.index(None)
-        rows = [self.free_key_rows.pop(0) for _ in range(keys.shape[0])]
+        slot = heapq.heappop(self.free_slots)
+        rows = [self.free_key_rows.popleft() for _ in range(keys.shape[0])]
         self.lora.write(slot, edit.lora, edit.rank, float(edit.scale))
         self.keys[rows] = keys
         self.slot_edit[slot] = edit.id
@@ -148,12 +152,20 @@ class SolaRuntime:
         self.set_active(edit_id, False)
         self.free_key_rows.extend(info.key_rows)
         self.slot_edit[info.slot] = None
+        heapq.heappush(self.free_slots, info.slot)
         del self.edits[edit_id]
 
     def describe(self, edit_id: str) -> dict:
         info = self._info(edit_id)
         return {**info.summary, "state": "active" if info.active else "revoked",
                 "slot": info.slot, "hits": int(self.hits[info.slot])}
+
+    def state_counts(self) -> dict[str, int]:
+        """Loaded edits by state. Allocates nothing per edit: it runs every second (metrics)
+        and, with thousands of edits, per-edit objects cost the engine loop garbage
+        collections (a list of per-edit dicts took ~140 ms at 10,000 edits)."""
+        active = sum(info.active for info in self.edits.values())
+        return {"active": active, "revoked": len(self.edits) - active}
 
     def list_edits(self) -> list[dict]:
         return [self.describe(edit_id) for edit_id in self.edits]

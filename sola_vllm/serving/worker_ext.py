@@ -78,8 +78,8 @@ class SolaWorkerExtension:
         """Counters and gauges for /metrics (see `metrics.py`): loaded edits by state,
         requests routed / not routed, hits per edit id, capacity in use."""
         runtime = self._sola()
-        edits = [{"id": e["id"], "state": e["state"]} for e in runtime.list_edits()]
-        return {"edits": edits, "stats": runtime.stats(), **runtime.request_log.counts()}
+        return {"edit_states": runtime.state_counts(), "stats": runtime.stats(),
+                **runtime.request_log.counts()}
 
     @_result
     def sola_provenance(self, response_id: str) -> list:
