@@ -162,3 +162,38 @@ def test_freed_slots_are_reused_lowest_first_and_key_rows_in_freed_order():
     assert runtime.edits["e3"].slot == 0 and runtime.edits["e4"].slot == 1
     # never-used rows first (6, 7), then e1's (2, 3), then e0's (0, 1)
     assert runtime.edits["e3"].key_rows == [6, 7, 2] and runtime.edits["e4"].key_rows == [3]
+
+
+def test_a_batch_add_is_all_or_nothing():
+    runtime = make_runtime(max_edits=3, max_keys=8)
+    good = [edit(i) for i in range(2)]
+    bad = edit(9, model_fingerprint="f" * 64)
+    for batch, error in (([*good, bad], "base model"), ([*good, good[0]], "twice"),
+                         ([*good, edit(2), edit(3)], "4 edits need as many slots")):
+        with pytest.raises(ValueError, match=error):
+            runtime.add_edits(batch, [e.keys for e in batch])
+        assert runtime.edits == {} and runtime.stats()["keys_in_use"] == 0
+    runtime.add_edits(good, [e.keys for e in good])
+    assert [runtime.edits[e.id].slot for e in good] == [0, 1]
+
+
+def test_the_batch_add_rpc_uses_the_captured_keys_and_refuses_missing_ones():
+    from sola_vllm.serving.worker_ext import SolaWorkerExtension
+
+    runtime = make_runtime()
+
+    class Worker(SolaWorkerExtension):
+        def _sola(self):
+            return runtime
+
+    worker, edits = Worker(), [edit(0), edit(1)]
+    captured = {"c0": torch.randn(HIDDEN), "c1": torch.randn(HIDDEN)}
+    runtime.captures.update(captured)
+    blobs = [e.to_bytes() for e in edits]
+    reply = worker.sola_add_edits(blobs, [["c0"], ["missing"]], True)
+    assert not reply["ok"] and "no key was captured" in reply["error"] and runtime.edits == {}
+    runtime.captures.update(captured)
+    reply = worker.sola_add_edits(blobs, [["c0"], ["c1"]], True)
+    assert reply["ok"] and [s["id"] for s in reply["result"]] == ["e0", "e1"]
+    assert torch.equal(runtime.keys[runtime.edits["e1"].key_rows[0]], captured["c1"])
+    assert runtime.captures == {}

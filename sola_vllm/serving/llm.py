@@ -94,16 +94,21 @@ class SolaLLM:
     def add_edit(self, edit: Edit, active: bool = True) -> dict:
         return self.add_edits([edit], active)[0]
 
-    def add_edits(self, edits: list[Edit], active: bool = True) -> list[dict]:
-        """Hot-add edits: one batched capture pass for all their prompts, then one RPC each.
-        Stops at the first refused edit (raising); the ones before it stay added."""
+    def add_edits(self, edits: list[Edit], active: bool = True, chunk: int = 64) -> list[dict]:
+        """Hot-add edits: one batched capture pass for all their prompts, then one RPC per
+        `chunk` edits, each all or nothing. A refused chunk raises; the chunks before it stay
+        added."""
         ids = self.capture_keys([p for edit in edits for p in edit.prompts])
-        results, start = [], 0
+        per_edit, start = [], 0
+        for edit in edits:
+            per_edit.append(ids[start:start + len(edit.prompts)])
+            start += len(edit.prompts)
+        results = []
         try:
-            for edit in edits:
-                own = ids[start:start + len(edit.prompts)]
-                start += len(edit.prompts)
-                results.append(self._rpc("sola_add_edit", edit.to_bytes(), own, active))
+            for first in range(0, len(edits), chunk):
+                blobs = [e.to_bytes() for e in edits[first:first + chunk]]
+                results += self._rpc("sola_add_edits", blobs, per_edit[first:first + chunk],
+                                     active)
         finally:
             self.llm.collective_rpc("sola_drop_captures", args=(ids,))
         return results

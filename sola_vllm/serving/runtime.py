@@ -136,6 +136,26 @@ class SolaRuntime:
             self.set_active(edit.id, True)
         return self.describe(edit.id)
 
+    def add_edits(self, edits: list[Edit], keys: list[torch.Tensor],
+                  active: bool = True) -> list[dict]:
+        """All or nothing: every edit is checked, against the capacity left for the whole
+        batch too, before the first is added."""
+        keys = [k.float() for k in keys]
+        ids = [e.id for e in edits]
+        if len(set(ids)) != len(ids):
+            twice = sorted(i for i in set(ids) if ids.count(i) > 1)
+            raise ValueError(f"the batch names an edit twice: {twice}")
+        for edit, edit_keys in zip(edits, keys, strict=True):
+            self.check_edit(edit, edit_keys)
+        if len(edits) > len(self.free_slots):
+            raise CapacityError(f"{len(edits)} edits need as many slots; "
+                                f"{len(self.free_slots)} of {self.config.max_edits} are free")
+        rows = sum(k.shape[0] for k in keys)
+        if rows > len(self.free_key_rows):
+            raise CapacityError(f"{len(edits)} edits need {rows} key rows; "
+                                f"{len(self.free_key_rows)} of {self.config.max_keys} are free")
+        return [self.add_edit(e, k, active) for e, k in zip(edits, keys, strict=True)]
+
     def set_active(self, edit_id: str, active: bool) -> dict:
         info = self._info(edit_id)
         owner = info.slot if active else -1

@@ -38,16 +38,33 @@ class SolaWorkerExtension:
     @_result
     def sola_add_edit(self, artifact: bytes, capture_ids: list, active: bool = True) -> dict:
         """Load an edit; its routing keys are the ones this engine captured for its prompts."""
-        runtime = self._sola()
-        edit = Edit.from_bytes(bytes(artifact))
-        if len(capture_ids) != len(edit.prompts):
-            raise ValueError(f"edit {edit.id} has {len(edit.prompts)} prompts but "
-                             f"{len(capture_ids)} captured keys were named")
-        keys = runtime.take_captures(list(capture_ids))
-        summary = runtime.add_edit(edit, keys, active=bool(active))
-        drift = 1 - torch.nn.functional.cosine_similarity(keys, edit.keys.float(), dim=-1)
-        summary["key_drift_vs_reference"] = [float(d) for d in drift]
+        (summary,) = self._add(self._sola(), [artifact], [capture_ids], active)
         return summary
+
+    @_result
+    def sola_add_edits(self, artifacts: list, capture_ids: list, active: bool = True) -> list:
+        """`sola_add_edit` for many edits in one call, all or nothing (capture_ids[i] names
+        the keys captured for artifacts[i]'s prompts)."""
+        if len(artifacts) != len(capture_ids):
+            raise ValueError(f"{len(artifacts)} artifacts but {len(capture_ids)} capture lists")
+        return self._add(self._sola(), artifacts, capture_ids, active)
+
+    @staticmethod
+    def _add(runtime, artifacts: list, capture_ids: list, active: bool) -> list[dict]:
+        edits = [Edit.from_bytes(bytes(a)) for a in artifacts]
+        for edit, ids in zip(edits, capture_ids, strict=True):
+            if len(ids) != len(edit.prompts):
+                raise ValueError(f"edit {edit.id} has {len(edit.prompts)} prompts but "
+                                 f"{len(ids)} captured keys were named")
+        wanted = [str(c) for ids in capture_ids for c in ids]
+        keys = runtime.take_captures(wanted)  # [sum of prompts, d]; refuses missing ones
+        per_edit = list(torch.split(keys, [len(ids) for ids in capture_ids]))
+        summaries = runtime.add_edits(edits, per_edit, active=bool(active))
+        for summary, edit, edit_keys in zip(summaries, edits, per_edit, strict=True):
+            drift = 1 - torch.nn.functional.cosine_similarity(edit_keys, edit.keys.float(),
+                                                              dim=-1)
+            summary["key_drift_vs_reference"] = [float(d) for d in drift]
+        return summaries
 
     @_result
     def sola_set_active(self, edit_id: str, active: bool) -> dict:
