@@ -35,8 +35,8 @@ def zsre_prompts() -> tuple[list[str], list[str]]:
 
 def edit_prompts(count: int, questions: list[str]) -> list[str]:
     """`count` distinct prompts: the zsRE questions first, then numbered fillers."""
-    fillers = (f"Record {i}: which catalogue entry does item {i} of archive {i % 97} belong to?"
-               for i in range(count))
+    # short (about 8 tokens): the engine captures every edit's key with a prefill
+    fillers = (f"Catalogue item {i} is filed under" for i in range(count))
     return (questions + list(fillers))[:count]
 
 
