@@ -94,10 +94,6 @@ def fill(template: str, value: str) -> str:
     return out + rest
 
 
-def store_state(store) -> dict:
-    return {k: v for k, v in snapshot(store).items() if k != "audit.jsonl"}
-
-
 def audit_records(url: str, limit: int = 10_000) -> list[dict]:
     status, reply = api(url, "GET", f"/v1/sola/audit?limit={limit}")
     assert status == 200, reply
@@ -119,7 +115,7 @@ def test_push_with_the_token_and_audit(server, rome):
 
 def test_every_route_refuses_without_the_token(server, rome):
     url = server.url
-    before, base = store_state(server.store), complete(url, ROME)
+    before, base = snapshot(server.store), complete(url, ROME)
     routes = sola_routes(url)
     seen = len(audit_records(url))
     for method, template in routes:
@@ -132,7 +128,7 @@ def test_every_route_refuses_without_the_token(server, rome):
             error = json.loads(raw)["error"]
             assert error["type"] == "unauthorized" and error["code"] == 401 and HEADER \
                 in error["message"]
-    assert store_state(server.store) == before and complete(url, ROME) == base
+    assert snapshot(server.store) == before and complete(url, ROME) == base
     refused = audit_records(url)[seen:]
     assert len(refused) == 5 * len(routes)
     assert all(r["status"] == 401 and not r["authenticated"] for r in refused)
@@ -174,7 +170,7 @@ def test_cli_sends_the_token(server, rome, tmp_path, capsys, monkeypatch):
     "store.json", "journal.jsonl"])
 def test_ids_are_validated_on_every_route(server, edit_id):
     url = server.url
-    before = store_state(server.store)
+    before = snapshot(server.store)
     for method, template in sola_routes(url):
         if "{" not in template:
             continue
@@ -182,7 +178,7 @@ def test_ids_are_validated_on_every_route(server, edit_id):
         # 307: Starlette's redirect of a trailing '/' (to the same route without it)
         assert status in (307, 400, 404, 405, 414, 422), (method, template, edit_id, status,
                                                           raw[:300])
-    assert store_state(server.store) == before
+    assert snapshot(server.store) == before
 
 
 def _ids():
@@ -235,7 +231,7 @@ def requests(draw, routes):
 def test_fuzz_every_route_never_5xx_and_changes_nothing(server, rome):
     url = server.url
     routes = sola_routes(url)
-    before, base = store_state(server.store), complete(url, ROME)
+    before, base = snapshot(server.store), complete(url, ROME)
     listing = api(url, "GET", "/v1/sola/edits")[1]["edits"]
     statuses: dict[int, int] = {}
 
@@ -254,7 +250,7 @@ def test_fuzz_every_route_never_5xx_and_changes_nothing(server, rome):
     tried = sum(statuses.values())
     print(f"fuzzed {tried} requests over {len(routes)} routes: statuses {sorted(statuses.items())}")
     assert tried >= FUZZ_EXAMPLES and 401 in statuses and len(statuses) > 3
-    assert store_state(server.store) == before
+    assert snapshot(server.store) == before
     assert api(url, "GET", "/v1/sola/edits")[1]["edits"] == listing
     assert complete(url, ROME) == base  # still serving, still edited
     assert complete(url, ROME)[0] == " Rome."
@@ -279,14 +275,14 @@ def test_read_only_store_clear_error_nothing_half_applied(server, rome):
         for p in frozen:
             p.chmod(0o555 if p.is_dir() else 0o444)
     try:
-        before = store_state(store)
+        before = snapshot(store)
         blob = replace(Edit.from_bytes(rome), id="rome3").to_bytes()
         status, reply = api(url, "POST", "/v1/sola/edits", blob, "application/octet-stream")
         assert status == 503 and reply["error"]["type"] == "store_read_only", reply
         assert "nothing was changed" in reply["error"]["message"]
         status, reply = api(url, "DELETE", "/v1/sola/edits/rome")
         assert status == 503 and reply["error"]["type"] == "store_read_only", reply
-        assert store_state(store) == before
+        assert snapshot(store) == before
         listing = api(url, "GET", "/v1/sola/edits")[1]
         states = {e["id"]: (e["state"], (e["serving"] or {}).get("state")) for e in
                   listing["edits"]}
@@ -309,3 +305,30 @@ def test_the_token_is_never_logged(server):
     server.stop()
     assert TOKEN not in server.log.read_text(errors="replace")
     assert TOKEN.encode() not in (server.store / "audit.jsonl").read_bytes()
+
+
+def test_vllm_api_key_and_admin_token_are_independent(server, capsys, monkeypatch):
+    """vLLM's --api-key (here VLLM_API_KEY) guards every /v1 path, the edit API included; the
+    admin token is checked on top of it, and neither one replaces the other."""
+    key = "inference-key-0123456789"
+    os.environ["VLLM_API_KEY"] = key
+    os.environ["SOLA_ADMIN_TOKEN"] = TOKEN
+    try:
+        server.start()
+    finally:
+        del os.environ["VLLM_API_KEY"], os.environ["SOLA_ADMIN_TOKEN"]
+    url = server.url
+    bearer = {"Authorization": f"Bearer {key}"}
+    prompt = json.dumps({"prompt": ROME, "max_tokens": 2}).encode()
+    json_type = {"Content-Type": "application/json"}
+    assert send(url, "POST", "/v1/completions", prompt, json_type)[0] == 401
+    assert send(url, "POST", "/v1/completions", prompt, {**json_type, **bearer})[0] == 200
+    for headers, want in (({}, 401), (bearer, 401), ({HEADER: TOKEN}, 401),
+                          ({**bearer, HEADER: TOKEN}, 200)):
+        assert send(url, "GET", "/v1/sola/edits", None, headers)[0] == want, headers
+    monkeypatch.setenv("VLLM_API_KEY", key)
+    monkeypatch.setenv("SOLA_ADMIN_TOKEN", TOKEN)
+    assert cli_main(["edit", "list", "--server", url]) == 0
+    assert "rome" in capsys.readouterr().out
+    server.stop()
+    assert key not in server.log.read_text(errors="replace")

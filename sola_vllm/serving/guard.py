@@ -11,7 +11,8 @@ prefix, those added later included, without any route having to call it. It read
   method, path, edit id, the author it declared, status and error type.
 
 vLLM's own `--api-key` middleware (if set) runs before this one: it guards every `/v1` path,
-these included, so a client then sends both `Authorization: Bearer KEY` and the admin token.
+these included, so a client then sends both `Authorization: Bearer KEY` and the admin token
+(requests it refuses never get here, so they are not audited).
 """
 
 from __future__ import annotations
