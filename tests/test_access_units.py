@@ -137,6 +137,23 @@ def test_guard_refuses_without_the_token_and_records_it(tmp_path):
     assert client.request("GET", "/health").status_code == 404  # outside the prefix: untouched
 
 
+def test_guard_covers_websockets(tmp_path):
+    from starlette.websockets import WebSocket, WebSocketDisconnect
+
+    client = _app(tmp_path, TOKEN)
+
+    @client.app.websocket("/v1/sola/ws")
+    async def ws(socket: WebSocket) -> None:
+        await socket.accept()
+        await socket.send_text("in")
+        await socket.close()
+
+    with pytest.raises(WebSocketDisconnect), client.websocket_connect("/v1/sola/ws"):
+        pass
+    with client.websocket_connect("/v1/sola/ws", headers={"X-Sola-Admin-Token": TOKEN}) as s:
+        assert s.receive_text() == "in"
+
+
 def test_guard_with_the_token_records_changes(tmp_path):
     client = _app(tmp_path, TOKEN)
     ok = {"X-Sola-Admin-Token": TOKEN}

@@ -100,13 +100,18 @@ class SolaGuard:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         path = scope["path"].removeprefix(scope.get("root_path", ""))
         if not _guarded(path):
             return await self.app(scope, receive, send)
         state = scope["app"].state
         access, audit = getattr(state, "sola_access", None), getattr(state, "sola_audit", None)
+        if scope["type"] == "websocket":  # none today; a later one must not bypass the token
+            if access is not None and access.allows(
+                    [v for k, v in scope["headers"] if k == _HEADER]):
+                return await self.app(scope, receive, send)
+            return await send({"type": "websocket.close", "code": 1008})
         if access is None or audit is None:
             return await _answer(send, 503, "unavailable", "the sola-vllm edit API is not "
                                  "initialized (see the server log)")
