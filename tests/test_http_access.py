@@ -18,7 +18,7 @@ import urllib.parse
 from dataclasses import replace
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from test_http_server import ROME, Server, complete, snapshot
 
@@ -205,7 +205,26 @@ def _no_training(value):
 
 
 @st.composite
-def requests(draw, routes):
+def mutated(draw, artifact: bytes) -> bytes:
+    """A real edit artifact, cut short or with bytes overwritten (mostly in its JSON header)."""
+    header_end = 8 + int.from_bytes(artifact[:8], "little")
+    if draw(st.booleans()):
+        return artifact[:draw(st.integers(0, len(artifact) - 1))]
+    blob = bytearray(artifact)
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(0, header_end - 1) | st.integers(0, len(blob) - 1))
+        blob[at] = draw(st.integers(0, 255))
+    blob = bytes(blob)
+    try:  # a mutation that is still a valid edit under a new id would really be added
+        edit = Edit.from_bytes(blob)
+    except Exception:
+        return blob
+    assume(edit.id in EXISTING)
+    return blob
+
+
+@st.composite
+def requests(draw, routes, artifact: bytes):
     method, template = draw(st.sampled_from(routes))
     safe = draw(st.sampled_from(["", "/", "%", "/%."]))
     path = fill(template, urllib.parse.quote(draw(_ids()), safe=safe))
@@ -223,7 +242,7 @@ def requests(draw, routes):
                                  "multipart/form-data; boundary=x", "text/json", "*/*", ""]))
     if kind is not None:
         headers["Content-Type"] = kind
-    body = draw(st.one_of(st.none(), st.binary(max_size=2048),
+    body = draw(st.one_of(st.none(), st.binary(max_size=2048), mutated(artifact),
                           _JSON.map(lambda v: json.dumps(_no_training(v)).encode())))
     return method, path, body, headers
 
@@ -237,7 +256,7 @@ def test_fuzz_every_route_never_5xx_and_changes_nothing(server, rome):
 
     @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
-    @given(requests(routes))
+    @given(requests(routes, rome))
     def fuzz(request):
         method, path, body, headers = request
         status, raw = send(url, method, path, body, headers)
