@@ -69,6 +69,7 @@ def _add_serve(sub) -> None:
     serve.add_argument("--max-edits", type=int, default=1024, help="edit slots (fixed at start)")
     serve.add_argument("--max-keys", type=int, default=4096, help="key rows (fixed at start)")
     serve.add_argument("--max-rank", type=int, default=8, help="largest LoRA rank accepted")
+    _add_model(serve)
     serve.add_argument("--admin-token", default=None,
                        help="token the /v1/sola/ routes require in X-Sola-Admin-Token (default: "
                             "$SOLA_ADMIN_TOKEN; prefer the variable: a flag shows in `ps`); "
@@ -76,7 +77,6 @@ def _add_serve(sub) -> None:
     serve.add_argument("--audit-log", type=Path, default=None,
                        help="audit log file (default: $SOLA_VLLM_AUDIT_LOG or "
                             "STORE/audit.jsonl)")
-    _add_model(serve)
     _add_json(serve)
 
 

@@ -11,12 +11,6 @@ Entry point `vllm.endpoint_plugins: sola_api`; vLLM loads it only when `VLLM_PLU
     GET    /v1/sola/edits/{id}            one edit, its journal history, its serving state
     DELETE /v1/sola/edits/{id}            revoke: the exact base model again for new requests
     POST   /v1/sola/edits/{id}/restore    route to a revoked edit again
-    GET    /v1/sola/audit?limit=N         the last N records of the audit log (default 100)
-
-Every route under /v1/sola/ goes through `guard.SolaGuard`: with an admin token configured
-(`SOLA_ADMIN_TOKEN`) each request must carry it in `X-Sola-Admin-Token` (else 401); without
-one the plugin refuses to start unless the server listens on loopback (`access`). Every change
-attempt, refused or not, is recorded in the audit log (`audit`).
 
 Errors are JSON `{"error": {"message", "type", "code"}}`: 400 malformed JSON or invalid id,
 401 missing or wrong admin token, 404 unknown id, 409 duplicate id or already revoked /
@@ -26,14 +20,20 @@ or layer set, rank or capacity exceeded, 503 a read-only store, 507 a full disk 
 changed then). The store (the source of truth) is written before a change is acknowledged;
 see `manager.EditManager`.
 
+Every route under /v1/sola/ goes through `guard.SolaGuard`: with an admin token configured
+(`SOLA_ADMIN_TOKEN`) each request must carry it in `X-Sola-Admin-Token` (else 401); without
+one the plugin refuses to start unless the server listens on loopback (`access`). Every change
+attempt, refused or not, is recorded in the audit log (`audit`), which
+`GET /v1/sola/audit?limit=N` reads (the last N records, default 100).
+
 Settings come from the environment, set by `sola-vllm serve`:
 
     SOLA_VLLM_STORE           edit store directory (required)
     SOLA_VLLM_MODEL           model folder for server-side training (default: vLLM's --model)
     SOLA_VLLM_CONFIG          SolaConfig as JSON ({"edit", "router", "train"}; default: defaults)
-    SOLA_VLLM_MAX_BODY_BYTES  largest accepted request body (default 64 MiB)
     SOLA_ADMIN_TOKEN          the admin token of the /v1/sola/ routes (none: loopback only)
     SOLA_VLLM_AUDIT_LOG       the audit log (default: STORE/audit.jsonl)
+    SOLA_VLLM_MAX_BODY_BYTES  largest accepted request body (default 64 MiB)
 
 The serving options (layers, fingerprints, capacity) are read from the engine's own
 `hf_overrides["sola"]`. At start-up (`init_state`, which vLLM awaits before it accepts
@@ -47,19 +47,17 @@ import asyncio
 import json
 import logging
 import math
-import os
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 
 from ..edit import Edit, EditFormatError
+from . import guard
 from .access import AccessConfig
-from .audit import AUDIT_ENV, MAX_TAIL, AuditLog, audit_path
+from .audit import MAX_TAIL, AuditLog, audit_path
 from .config import ServingConfig
-from .guard import SolaGuard
-from .manager import STORE_ENV, EditManager, RequestError, Settings, checked_id
+from .manager import EditManager, RequestError, Settings, checked_id
 
 logger = logging.getLogger("vllm.sola_vllm")  # under vLLM's logger: its handlers and format
 router = APIRouter()
@@ -200,6 +198,19 @@ async def list_edits(request: Request) -> Response:
     return await _reply(work())
 
 
+@router.get("/v1/sola/audit")
+async def read_audit(request: Request) -> Response:
+    async def work() -> dict:
+        raw = request.query_params.get("limit", "100")
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_TAIL:
+            raise RequestError(400, "invalid_request", f"limit must be a whole number "
+                               f"1..{MAX_TAIL}, got {raw[:40]!r}")
+        audit = getattr(request.app.state, "sola_audit", None)
+        return await asyncio.to_thread(audit.tail, int(raw))
+
+    return await _reply(work())
+
+
 @router.get("/v1/sola/edits/{edit_id}")
 async def get_edit(edit_id: str, request: Request) -> Response:
     async def work() -> dict:
@@ -227,30 +238,12 @@ async def restore_edit(edit_id: str, request: Request) -> Response:
     return await _set_state(edit_id, request, active=True)
 
 
-@router.get("/v1/sola/audit")
-async def read_audit(request: Request) -> Response:
-    async def work() -> dict:
-        raw = request.query_params.get("limit", "100")
-        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_TAIL:
-            raise RequestError(400, "invalid_request", f"limit must be a whole number "
-                               f"1..{MAX_TAIL}, got {raw[:40]!r}")
-        audit = getattr(request.app.state, "sola_audit", None)
-        return await asyncio.to_thread(audit.tail, int(raw))
-
-    return await _reply(work())
-
-
 # --- the plugin ---------------------------------------------------------------------------------
 def init_access(state, args) -> AccessConfig:
-    """The admin token and the loopback rule, checked before anything else starts; the
-    audit log next to the store unless SOLA_VLLM_AUDIT_LOG says otherwise."""
-    access = AccessConfig.from_env(host=getattr(args, "host", None),
-                                   unix_socket=bool(getattr(args, "uds", None)))
-    store = os.environ.get(STORE_ENV)
-    if store or os.environ.get(AUDIT_ENV):
-        state.sola_audit = AuditLog(audit_path(Path(store or "."), os.environ))
-    state.sola_access = access
-    return access
+    """The admin token and the loopback rule, checked before anything else starts."""
+    state.sola_access = AccessConfig.from_env(host=getattr(args, "host", None),
+                                              unix_socket=bool(getattr(args, "uds", None)))
+    return state.sola_access
 
 
 class SolaEndpointPlugin:
@@ -260,8 +253,8 @@ class SolaEndpointPlugin:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
+        app.add_middleware(guard.SolaGuard)  # token check and audit for every /v1/sola/ route
         app.include_router(router)
-        app.add_middleware(SolaGuard)  # token check and audit for every /v1/sola/ route
 
     async def init_state(self, engine_client, state, args) -> None:
         access = init_access(state, args)
@@ -273,10 +266,11 @@ class SolaEndpointPlugin:
                              "sola-vllm plugin: start the server with `sola-vllm serve`")
         serving = ServingConfig.from_dict(dict(sola))
         settings = Settings.from_env(default_model=getattr(args, "model", None))
+        state.sola_audit = AuditLog(audit_path(settings.store))  # or SOLA_VLLM_AUDIT_LOG
+        logger.info("sola-vllm: edit API %s; audit log %s", "without an admin token: loopback "
+                    "only" if access.open else "requires the admin token", state.sola_audit.path)
         manager = EditManager(engine_client, serving, settings)
         await manager.load_store()
         state.sola_edits = manager
         logger.info("sola-vllm: edit API on /v1/sola/edits (store %s, up to %d edits, "
-                    "%d keys; %s; audit log %s)", settings.store, serving.max_edits,
-                    serving.max_keys, "no admin token: loopback only" if access.open
-                    else "admin token required", state.sola_audit.path)
+                    "%d keys)", settings.store, serving.max_edits, serving.max_keys)
