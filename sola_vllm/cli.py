@@ -35,6 +35,11 @@ def _add_store_or_server(p: argparse.ArgumentParser) -> None:
     where.add_argument("--server", help="URL of a running `sola-vllm serve` (http://host:port)")
 
 
+def _add_admin_token(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--admin-token", default=None,
+                   help="with --server: the server's admin token (default: $SOLA_ADMIN_TOKEN)")
+
+
 def _add_push(edit) -> None:
     push = edit.add_parser("push", help="send an edit to a running `sola-vllm serve`")
     push.add_argument("--server", required=True, help="http://host:port of the server")
@@ -47,6 +52,7 @@ def _add_push(edit) -> None:
     push.add_argument("--target", help="with --prompt: the answer the model should give")
     push.add_argument("--author", default="", help="who made the change (journal)")
     push.add_argument("--note", default="", help="free text for the journal")
+    _add_admin_token(push)
     _add_json(push)
 
 
@@ -66,6 +72,13 @@ def _add_serve(sub) -> None:
     serve.add_argument("--request-log", type=int, default=10000,
                        help="routing decisions kept for GET /v1/sola/requests/{id}")
     _add_model(serve)
+    serve.add_argument("--admin-token", default=None,
+                       help="token the /v1/sola/ routes require in X-Sola-Admin-Token (default: "
+                            "$SOLA_ADMIN_TOKEN; prefer the variable: a flag shows in `ps`); "
+                            "without one the server must listen on loopback")
+    serve.add_argument("--audit-log", type=Path, default=None,
+                       help="audit log file (default: $SOLA_VLLM_AUDIT_LOG or "
+                            "STORE/audit.jsonl)")
     _add_json(serve)
 
 
@@ -101,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
             _add_store(p)
         else:
             _add_store_or_server(p)
+            _add_admin_token(p)
         if action != "list":
             p.add_argument("id")
         _add_json(p)
@@ -120,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_push(edit)
     _add_serve(sub)
+
+    audit = sub.add_parser("audit", help="the last records of the edit API's audit log")
+    _add_store_or_server(audit)
+    _add_admin_token(audit)
+    audit.add_argument("--limit", type=int, default=50, help="how many records (newest last)")
+    audit.add_argument("--audit-log", type=Path, default=None,
+                       help="with --store: the log file, if the server was given --audit-log")
+    _add_json(audit)
 
     gen = sub.add_parser("generate", help="greedy generation with the store's active edits")
     _add_store(gen, required=False)
@@ -168,6 +190,7 @@ HANDLERS = {
     ("edit", "import"): commands.edit_import,
     ("edit", "push"): commands.edit_push,
     ("serve", None): commands.serve,
+    ("audit", None): commands.audit,
     ("generate", None): commands.generate,
     ("calibrate", None): commands.calibrate,
     ("eval", None): commands.evaluate,

@@ -82,6 +82,25 @@ def _existing_store(path: Path) -> EditStore:
     return store
 
 
+@contextlib.contextmanager
+def audited(store_path: Path, action: str, edit_id: str | None, author: str = ""):
+    """A record in the store's audit log (as the server writes) for a change made here."""
+    import getpass
+
+    from .serving.audit import AuditLog, audit_path, now
+
+    record = {"time": now(), "client": f"local:{getpass.getuser()}@pid{os.getpid()}",
+              "method": "CLI", "path": f"sola-vllm edit {action}", "authenticated": False,
+              "auth": "local", "edit_id": edit_id, "author": author or None}
+    try:
+        yield
+    except BaseException as exc:
+        AuditLog(audit_path(store_path)).append({**record, "status": "failed",
+                                                 "error": type(exc).__name__})
+        raise
+    AuditLog(audit_path(store_path)).append({**record, "status": "ok", "error": None})
+
+
 def _edit_line(summary: dict) -> str:
     return (f"{summary['id']:<28} {summary['state']:<8} "
             f"{summary['prompts'][0]!r} -> {summary['target']!r}")
@@ -115,9 +134,10 @@ def edit_train(args) -> dict:
                             note=args.note, on_step=on_step)
     finally:
         bar.close()
-    store.add(edit, author=args.author, note=args.note)
-    if args.no_activate:
-        store.revoke(edit.id, author=args.author, note="stored revoked (--no-activate)")
+    with audited(store.path, "train", edit.id, args.author):
+        store.add(edit, author=args.author, note=args.note)
+        if args.no_activate:
+            store.revoke(edit.id, author=args.author, note="stored revoked (--no-activate)")
     summary = store.get(edit.id).summary()
     info = edit.train_info
     text = (f"trained edit {edit.id} in {info['seconds']} s ({info['steps']} steps, "
@@ -127,7 +147,7 @@ def edit_train(args) -> dict:
 
 def edit_list(args) -> dict:
     if getattr(args, "server", None):
-        return _remote_list(args.server)
+        return _remote_list(args.server, args.admin_token)
     store = _existing_store(args.store)
     edits = store.list()
     problems = store.problems()
@@ -148,7 +168,8 @@ def _set_state(args, revoke: bool) -> dict:
     if getattr(args, "server", None):
         return _remote_set_state(args, revoke)
     store = _existing_store(args.store)
-    (store.revoke if revoke else store.restore)(args.id)
+    with audited(store.path, "revoke" if revoke else "restore", args.id):
+        (store.revoke if revoke else store.restore)(args.id)
     state = store.get(args.id).state
     return {"id": args.id, "state": state, "text": f"edit {args.id} is now {state}"}
 
@@ -179,10 +200,11 @@ def edit_export(args) -> dict:
 
 def edit_import(args) -> dict:
     store = EditStore(args.store)
-    if Path(args.path).is_dir():
-        ids = store.import_store(args.path)
-    else:
-        ids = [store.import_edit(args.path, author=args.author, note=args.note).id]
+    with audited(store.path, "import", None, args.author):
+        if Path(args.path).is_dir():
+            ids = store.import_store(args.path)
+        else:
+            ids = [store.import_edit(args.path, author=args.author, note=args.note).id]
     return {"imported": ids, "text": f"imported {len(ids)} edit(s): {', '.join(ids)}"}
 
 
@@ -199,7 +221,7 @@ def edit_push(args) -> dict:
         if not args.target:
             raise ValueError("--prompt needs --target (the answer the model should give)")
         reply = client.push_training(args.server, args.prompt, args.target, args.id,
-                                     args.author, args.note)
+                                     args.author, args.note, token=args.admin_token)
     else:
         if args.target:
             raise ValueError("--target goes with --prompt")
@@ -207,7 +229,8 @@ def edit_push(args) -> dict:
             raise ValueError("--store needs --id: the edit to push")
         blob = (Path(args.file).read_bytes() if args.file
                 else _existing_store(args.store).get(args.id).to_bytes())
-        reply = client.push_artifact(args.server, blob, args.author, args.note)
+        reply = client.push_artifact(args.server, blob, args.author, args.note,
+                                     token=args.admin_token)
     edit = reply["edit"]
     return {**reply, "text": f"pushed edit {edit['id']} to {args.server}: {_edit_line(edit)}"}
 
@@ -215,20 +238,37 @@ def edit_push(args) -> dict:
 def _remote_set_state(args, revoke: bool) -> dict:
     from .serving import client
 
-    reply = (client.revoke if revoke else client.restore)(args.server, args.id)
+    reply = (client.revoke if revoke else client.restore)(args.server, args.id,
+                                                          token=args.admin_token)
     state = reply["edit"]["state"]
     return {**reply, "id": args.id, "state": state,
             "text": f"edit {args.id} is now {state} on {args.server}"}
 
 
-def _remote_list(server: str) -> dict:
+def _remote_list(server: str, token: str | None) -> dict:
     from .serving import client
 
-    reply = client.list_edits(server)
+    reply = client.list_edits(server, token=token)
     lines = [_edit_line(s) if "problem" not in s else f"{s['id']}: {s['problem']}"
              for s in reply["edits"]] or ["(no edits)"]
     lines += [f"problem: {p}" for p in reply["problems"]]
     return {**reply, "text": "\n".join(lines)}
+
+
+def audit(args) -> dict:
+    """The last audit records, from a server or read straight from the store's audit log."""
+    from .serving.audit import AuditLog, audit_path
+
+    if args.server:
+        from .serving import client
+
+        reply = client.audit(args.server, args.limit, token=args.admin_token)
+    else:
+        path = args.audit_log or audit_path(args.store)
+        reply = AuditLog(path).tail(args.limit)
+    lines = [" ".join(f"{r.get(k)}" for k in ("time", "client", "auth", "method", "path",
+                                               "status", "author")) for r in reply["records"]]
+    return {**reply, "text": "\n".join(lines) or f"(no audit records in {reply['path']})"}
 
 
 def serve(args) -> dict:

@@ -359,7 +359,7 @@ class EditStore:
             return
         if not self.path.is_dir():
             raise StoreError(f"cannot create an edit store at {self.path}: it is not a directory")
-        ours = {".lock", "edits"}
+        ours = {".lock", "edits", "audit.jsonl"}  # the server's audit log may come first
         foreign = sorted(p.name for p in self.path.iterdir()
                          if p.name not in ours and not p.name.startswith(TMP_PREFIX))
         if foreign:

@@ -135,8 +135,9 @@ def push(url: str, blob: bytes) -> tuple[int, dict]:
 
 
 def snapshot(store: Path) -> dict[str, bytes]:
+    """The store's files; the audit log kept next to them records refused requests too."""
     return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*"))
-            if p.is_file() and not p.name.endswith(".lock")}
+            if p.is_file() and not p.name.endswith(".lock") and p.name != "audit.jsonl"}
 
 
 # --- crafted artifacts ----------------------------------------------------------------------------

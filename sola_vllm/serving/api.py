@@ -20,16 +20,26 @@ or `X-Sola-Edit: -1` (`edit_header.py`). vLLM's `/metrics` also carries the sola
 (hits per edit, routed vs not; `metrics.py`).
 
 Errors are JSON `{"error": {"message", "type", "code"}}`: 400 malformed JSON or invalid id,
-404 unknown id, 409 duplicate id or already revoked / active, 413 body too large, 415 other
+401 missing or wrong admin token, 404 unknown id, 409 duplicate id or already revoked /
+active, 413 body too large, 415 other
 content types, 422 invalid artifact (shapes, dtypes, NaN/Inf), an edit for another base model
-or layer set, rank or capacity exceeded. The store (the source of truth) is written before a
-change is acknowledged; see `manager.EditManager`.
+or layer set, rank or capacity exceeded, 503 a read-only store, 507 a full disk (nothing is
+changed then). The store (the source of truth) is written before a change is acknowledged;
+see `manager.EditManager`.
+
+Every route under /v1/sola/ goes through `guard.SolaGuard`: with an admin token configured
+(`SOLA_ADMIN_TOKEN`) each request must carry it in `X-Sola-Admin-Token` (else 401); without
+one the plugin refuses to start unless the server listens on loopback (`access`). Every change
+attempt, refused or not, is recorded in the audit log (`audit`), which
+`GET /v1/sola/audit?limit=N` reads (the last N records, default 100).
 
 Settings come from the environment, set by `sola-vllm serve`:
 
     SOLA_VLLM_STORE           edit store directory (required)
     SOLA_VLLM_MODEL           model folder for server-side training (default: vLLM's --model)
     SOLA_VLLM_CONFIG          SolaConfig as JSON ({"edit", "router", "train"}; default: defaults)
+    SOLA_ADMIN_TOKEN          the admin token of the /v1/sola/ routes (none: loopback only)
+    SOLA_VLLM_AUDIT_LOG       the audit log (default: STORE/audit.jsonl)
     SOLA_VLLM_MAX_BODY_BYTES  largest accepted request body (default 64 MiB)
     SOLA_VLLM_METRICS_INTERVAL  seconds between the snapshots behind the sola_* series of
                               /metrics (default 1; `metrics.py`)
@@ -42,6 +52,7 @@ and are loaded when restored.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -51,6 +62,9 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 
 from ..edit import Edit, EditFormatError
+from . import guard
+from .access import AccessConfig
+from .audit import MAX_TAIL, AuditLog, audit_path
 from .config import ServingConfig
 from .edit_header import EditHeaderMiddleware
 from .lookup import provenance
@@ -196,6 +210,19 @@ async def list_edits(request: Request) -> Response:
     return await _reply(work())
 
 
+@router.get("/v1/sola/audit")
+async def read_audit(request: Request) -> Response:
+    async def work() -> dict:
+        raw = request.query_params.get("limit", "100")
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_TAIL:
+            raise RequestError(400, "invalid_request", f"limit must be a whole number "
+                               f"1..{MAX_TAIL}, got {raw[:40]!r}")
+        audit = getattr(request.app.state, "sola_audit", None)
+        return await asyncio.to_thread(audit.tail, int(raw))
+
+    return await _reply(work())
+
+
 @router.get("/v1/sola/edits/{edit_id}")
 async def get_edit(edit_id: str, request: Request) -> Response:
     async def work() -> dict:
@@ -232,6 +259,13 @@ async def get_request(request_id: str, request: Request) -> Response:
 
 
 # --- the plugin ---------------------------------------------------------------------------------
+def init_access(state, args) -> AccessConfig:
+    """The admin token and the loopback rule, checked before anything else starts."""
+    state.sola_access = AccessConfig.from_env(host=getattr(args, "host", None),
+                                              unix_socket=bool(getattr(args, "uds", None)))
+    return state.sola_access
+
+
 class SolaEndpointPlugin:
     """Zero-argument factory of the `vllm.endpoint_plugins` entry point `sola_api`."""
 
@@ -239,10 +273,12 @@ class SolaEndpointPlugin:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
+        app.add_middleware(guard.SolaGuard)  # token check and audit for every /v1/sola/ route
         app.include_router(router)
         app.add_middleware(EditHeaderMiddleware)  # opt-in X-Sola-Edit on completions
 
     async def init_state(self, engine_client, state, args) -> None:
+        access = init_access(state, args)
         if engine_client is None:  # vLLM's render-only server has no engine
             return
         sola = getattr(engine_client.model_config.hf_config, "sola", None)
@@ -251,6 +287,9 @@ class SolaEndpointPlugin:
                              "sola-vllm plugin: start the server with `sola-vllm serve`")
         serving = ServingConfig.from_dict(dict(sola))
         settings = Settings.from_env(default_model=getattr(args, "model", None))
+        state.sola_audit = AuditLog(audit_path(settings.store))  # or SOLA_VLLM_AUDIT_LOG
+        logger.info("sola-vllm: edit API %s; audit log %s", "without an admin token: loopback "
+                    "only" if access.open else "requires the admin token", state.sola_audit.path)
         manager = EditManager(engine_client, serving, settings)
         await manager.load_store()
         state.sola_edits = manager

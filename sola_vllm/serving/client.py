@@ -1,14 +1,21 @@
-"""A small client of the edit API of `sola-vllm serve` (urllib only), for the CLI."""
+"""A small client of the edit API of `sola-vllm serve` (urllib only), for the CLI.
+
+Every call takes `token`, the server's admin token (sent as `X-Sola-Admin-Token`; default
+`$SOLA_ADMIN_TOKEN`). When the server also has vLLM's `--api-key`, which guards every `/v1`
+path, these included, the key is read from `$VLLM_API_KEY` and sent as a Bearer token.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.parse
 import urllib.request
 
 TRAIN_TIMEOUT = 900.0  # seconds: a JSON push trains the edit on the server
 TIMEOUT = 120.0
+TOKEN_HEADER = "X-Sola-Admin-Token"  # as `access.TOKEN_HEADER` (not imported: no fastapi here)
 
 
 class ServerError(ValueError):
@@ -30,12 +37,21 @@ def _message(exc: urllib.error.HTTPError) -> str:
         return f"HTTP {exc.code} {exc.reason}: {raw[:200].decode(errors='replace')}"
 
 
+def _add_auth(req: urllib.request.Request, token: str | None) -> None:
+    token = token or os.environ.get("SOLA_ADMIN_TOKEN")
+    if token:
+        req.add_header(TOKEN_HEADER, token)
+    if os.environ.get("VLLM_API_KEY"):
+        req.add_header("Authorization", f"Bearer {os.environ['VLLM_API_KEY']}")
+
+
 def request(server: str, method: str, path: str, body: bytes | None = None,
             content_type: str | None = None, query: dict | None = None,
-            timeout: float = TIMEOUT) -> dict:
+            timeout: float = TIMEOUT, token: str | None = None) -> dict:
     req = urllib.request.Request(_url(server, path, query), data=body, method=method)
     if content_type:
         req.add_header("Content-Type", content_type)
+    _add_auth(req, token)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read() or b"{}")
@@ -50,27 +66,32 @@ def _edit_path(edit_id: str) -> str:
     return "/v1/sola/edits/" + urllib.parse.quote(edit_id, safe="")
 
 
-def push_artifact(server: str, blob: bytes, author: str = "", note: str = "") -> dict:
+def push_artifact(server: str, blob: bytes, author: str = "", note: str = "",
+                  token: str | None = None) -> dict:
     return request(server, "POST", "/v1/sola/edits", blob, "application/octet-stream",
-                   {"author": author, "note": note})
+                   {"author": author, "note": note}, token=token)
 
 
 def push_training(server: str, prompts: list[str], target: str, edit_id: str | None = None,
-                  author: str = "", note: str = "") -> dict:
+                  author: str = "", note: str = "", token: str | None = None) -> dict:
     data = {"prompts": prompts, "target": target, "author": author, "note": note}
     if edit_id is not None:
         data["id"] = edit_id
     return request(server, "POST", "/v1/sola/edits", json.dumps(data).encode(),
-                   "application/json", timeout=TRAIN_TIMEOUT)
+                   "application/json", timeout=TRAIN_TIMEOUT, token=token)
 
 
-def revoke(server: str, edit_id: str) -> dict:
-    return request(server, "DELETE", _edit_path(edit_id))
+def revoke(server: str, edit_id: str, token: str | None = None) -> dict:
+    return request(server, "DELETE", _edit_path(edit_id), token=token)
 
 
-def restore(server: str, edit_id: str) -> dict:
-    return request(server, "POST", _edit_path(edit_id) + "/restore")
+def restore(server: str, edit_id: str, token: str | None = None) -> dict:
+    return request(server, "POST", _edit_path(edit_id) + "/restore", token=token)
 
 
-def list_edits(server: str) -> dict:
-    return request(server, "GET", "/v1/sola/edits")
+def list_edits(server: str, token: str | None = None) -> dict:
+    return request(server, "GET", "/v1/sola/edits", token=token)
+
+
+def audit(server: str, limit: int, token: str | None = None) -> dict:
+    return request(server, "GET", "/v1/sola/audit", query={"limit": str(limit)}, token=token)

@@ -14,6 +14,7 @@ HTTP status and error type the API answers with.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -106,8 +107,29 @@ def _rpc_error(reply: dict) -> RequestError:
     return RequestError(422, "invalid_edit", message)
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _disk_error(exc: StoreError) -> RequestError | None:
+    """A full or read-only disk under the store: the store undid its partial write (see
+    `EditStore._write_new`), the caller undoes the engine side; the client is told why."""
+    cause = exc.__cause__
+    code = cause.errno if isinstance(cause, OSError) else None
+    if code in _DISK_FULL:
+        return RequestError(507, "insufficient_storage", f"the edit store's disk is full; "
+                            f"nothing was changed: {exc}")
+    if code in _READ_ONLY:
+        return RequestError(503, "store_read_only", f"the edit store cannot be written "
+                            f"(read-only or no permission); nothing was changed: {exc}")
+    return None
+
+
 def _store_error(exc: StoreError) -> RequestError:
     message = str(exc)
+    disk = _disk_error(exc)
+    if disk is not None:
+        return disk
     if isinstance(exc, UnknownEditError):
         return RequestError(404, "not_found", message)
     if "already" in message:

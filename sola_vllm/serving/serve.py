@@ -13,7 +13,12 @@ with
   `SOLA_VLLM_PREFIX_GUARD=1`; when unset, `VLLM_USE_V2_MODEL_RUNNER=0` (the runner hooks need
   the V1 runner) and, on CPU, `VLLM_CPU_KVCACHE_SPACE=1` (GiB); and the settings of
   the endpoint plugin (`sola_vllm.serving.api`): `SOLA_VLLM_STORE`, `SOLA_VLLM_MODEL`,
-  `SOLA_VLLM_CONFIG`.
+  `SOLA_VLLM_CONFIG`, and `SOLA_ADMIN_TOKEN` (from `--admin-token` or the environment: the
+  token is never put on the server's argv, which `ps` shows, nor printed) and
+  `SOLA_VLLM_AUDIT_LOG` (from `--audit-log`).
+
+Without an admin token the edit API is open to whoever can connect, so `serve` refuses any
+`--host` other than a loopback address (see `access`).
 
 The store's edits decide the layer set (as for `sola-vllm generate`); a store pinned to another
 base model is refused before vLLM starts. vLLM's own `--config` (a YAML file) is not available
@@ -29,6 +34,8 @@ from pathlib import Path
 
 from ..config import SolaConfig
 from ..store import EditStore
+from .access import ADMIN_TOKEN_ENV, AccessConfig
+from .audit import AUDIT_ENV
 from .config import ServingConfig
 from .llm import engine_kwargs, serving_config
 from .manager import CONFIG_ENV, MODEL_ENV, STORE_ENV
@@ -78,6 +85,17 @@ def build_env(store_dir: Path, model_path: Path, config: SolaConfig, cpu: bool) 
     return env
 
 
+def access_env(args, environ=os.environ) -> dict:
+    """The admin token (the flag first, then the environment) and the audit log path, as the
+    server's environment; refuses an open edit API on a non-loopback host."""
+    token = getattr(args, "admin_token", None) or environ.get(ADMIN_TOKEN_ENV) or None
+    AccessConfig(token, args.host)  # raises ValueError naming the problem (never the token)
+    env = {ADMIN_TOKEN_ENV: token} if token else {}
+    if getattr(args, "audit_log", None):
+        env[AUDIT_ENV] = str(Path(args.audit_log).expanduser().resolve())
+    return env
+
+
 def build_command(kwargs: dict, host: str, port: int, extra: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", SERVER_MODULE, "--model", kwargs["model"],
            "--host", host, "--port", str(port),
@@ -96,6 +114,7 @@ def prepare(args, extra: list[str]) -> tuple[list[str], dict]:
     from ..models import resolve_model
 
     check_passthrough(extra)
+    access = access_env(args)  # first: refuse an open API on a public host before any work
     model_path = resolve_model(args.model).resolve()
     store = EditStore(Path(args.store).expanduser().resolve())
     config = config_for_store(load_config(args.config), store)
@@ -105,13 +124,16 @@ def prepare(args, extra: list[str]) -> tuple[list[str], dict]:
     check_store(store, serving)
     kwargs = engine_kwargs(model_path, serving)
     env = build_env(store.path, model_path, config, cpu=not torch.cuda.is_available())
+    env.pop(ADMIN_TOKEN_ENV, None)  # an empty one from the environment means no token
+    env.update(access)
     return build_command(kwargs, args.host, args.port, extra), env
 
 
 def serve(args, extra: list[str]) -> dict:
     """Replace this process with the vLLM server (returns only on error)."""
     cmd, env = prepare(args, extra)
+    guard = "admin token required" if env.get(ADMIN_TOKEN_ENV) else "no admin token: loopback"
     print(f"sola-vllm: serving {cmd[4]} on http://{args.host}:{args.port} "
-          f"(edit store {env[STORE_ENV]})", file=sys.stderr, flush=True)
+          f"(edit store {env[STORE_ENV]}; edit API: {guard})", file=sys.stderr, flush=True)
     os.execve(sys.executable, cmd, env)
     raise OSError(f"cannot start {sys.executable}")  # execve returns only by raising
