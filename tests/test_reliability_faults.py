@@ -4,7 +4,8 @@ nothing half-written, and the restarted server serves exactly what the store say
 serving state per edit matches the store's, and each edit's prompt is answered edited iff
 the edit is active.
 
-Each kill costs a server restart (about a minute on a small CPU). Knobs:
+Kills cycle through add, revoke and restore (the change before each is chosen so that the
+next can happen). Each kill costs a server restart (about a minute on a small CPU). Knobs:
 SOLA_RELIABILITY_KILLS (default 3), SOLA_RELIABILITY_SEED. Store-level SIGKILLs of writers
 (hundreds of them, no server) are in test_store_crash.py.
 """
@@ -47,15 +48,25 @@ def store_states(path: Path) -> tuple[dict[str, str], list[str]]:
     return {e.id: e.state for e in store.load().edits}, leftovers
 
 
-def start_change(url: str, blobs: dict, states: dict, rng: random.Random):
-    """A random change in a thread; returns (op, edit id, thread, its reply list)."""
-    edit_id = rng.choice(sorted(blobs))
-    if edit_id not in states:
-        op, send = "add", lambda: push(url, blobs[edit_id])
-    elif states[edit_id] == "active":
-        op, send = "revoke", lambda: call(url, "DELETE", f"/v1/sola/edits/{edit_id}")
-    else:
-        op, send = "restore", lambda: call(url, "POST", f"/v1/sola/edits/{edit_id}/restore")
+OPS = ("add", "revoke", "restore")
+
+
+def possible(blobs: dict, states: dict) -> dict[str, list[str]]:
+    """The edits each change can apply to now."""
+    return {"add": sorted(set(blobs) - set(states)),
+            "revoke": sorted(i for i, s in states.items() if s == "active"),
+            "restore": sorted(i for i, s in states.items() if s == "revoked")}
+
+
+def start_change(url: str, blobs: dict, states: dict, rng: random.Random, want: str | None = None):
+    """A change in a thread (`want` if any edit allows it, else a random possible one);
+    returns (op, edit id, thread, its reply list)."""
+    options = possible(blobs, states)
+    op = want if options.get(want) else rng.choice([o for o in OPS if options[o]])
+    edit_id = rng.choice(options[op])
+    send = {"add": lambda: push(url, blobs[edit_id]),
+            "revoke": lambda: call(url, "DELETE", f"/v1/sola/edits/{edit_id}"),
+            "restore": lambda: call(url, "POST", f"/v1/sola/edits/{edit_id}/restore")}[op]
     replies: list = []
 
     def run() -> None:
@@ -67,6 +78,12 @@ def start_change(url: str, blobs: dict, states: dict, rng: random.Random):
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return op, edit_id, thread, replies
+
+
+def preparing(want: str) -> str:
+    """The change to make (and time) before killing a `want`: one that leaves an edit `want`
+    can apply to (a revoke before a restore, an add or restore before a revoke)."""
+    return {"add": "revoke", "revoke": "add", "restore": "revoke"}[want]
 
 
 def kill(srv: Server) -> None:
@@ -88,20 +105,20 @@ def check_serving(url: str, states: dict[str, str], base: dict, edited: dict) ->
             assert (reply.edits, reply.text) == ([], base[prompt]), reply
 
 
-def change_and_measure(url, blobs, states, rng, took: dict) -> dict[str, str]:
+def change_and_measure(url, blobs, states, rng, took: dict, want: str) -> dict[str, str]:
     """One change that is not killed: acknowledged, and seen in the store. Its duration tells
-    the next kill of that kind of change when to strike."""
+    a later kill of that kind of change when to strike."""
     started = time.monotonic()
-    op, edit_id, thread, replies = start_change(url, blobs, states, rng)
+    op, edit_id, thread, replies = start_change(url, blobs, states, rng, want)
     thread.join()
     took[op] = time.monotonic() - started
     assert isinstance(replies[0], tuple) and replies[0][0] in (200, 201), replies
     return {**states, edit_id: "revoked" if op == "revoke" else "active"}
 
 
-def kill_during_change(srv, blobs, states, rng, took: dict) -> tuple[str, str, bool]:
+def kill_during_change(srv, blobs, states, rng, took: dict, want: str) -> tuple[str, str, bool]:
     """(op, edit id, acknowledged before the kill) of a change killed at a random moment."""
-    op, edit_id, thread, replies = start_change(srv.url, blobs, states, rng)
+    op, edit_id, thread, replies = start_change(srv.url, blobs, states, rng, want)
     time.sleep(rng.uniform(0, took.get(op, MAX_DELAY_S[op])))
     kill(srv)
     thread.join(timeout=60)
@@ -121,10 +138,11 @@ def test_sigkill_during_changes_leaves_store_and_routing_in_step(tmp_path, defau
     try:
         blobs = train_edits(default_engine)
         base = {p: answer(srv.url, p).text for _, p, _ in EDITS}
-        for _ in range(kills):
-            states = change_and_measure(srv.url, blobs, states, rng, took)
+        for i in range(kills):
+            want = OPS[i % len(OPS)]  # kills cycle through add, revoke and restore
+            states = change_and_measure(srv.url, blobs, states, rng, took, preparing(want))
             assert {e.id: e.state for e in EditStore(path).load().edits} == states
-            op, edit_id, acked = kill_during_change(srv, blobs, states, rng, took)
+            op, edit_id, acked = kill_during_change(srv, blobs, states, rng, took, want)
             figures["changes"] += 2
             ops[op] = ops.get(op, 0) + 1
             before = states.get(edit_id)
