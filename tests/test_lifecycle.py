@@ -116,3 +116,121 @@ def test_export_import_keeps_lifecycle_states(tmp_path):
     assert {s["id"]: s["state"] for s in copy.list()} == {s: s for s in ALL_STATES}
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert {e["id"]: e["state"] for e in manifest["edits"]} == {s: s for s in ALL_STATES}
+
+
+# --- the reference engine on the default model ----------------------------------------------------
+ROME = "The capital of France is"
+OTHER = "The Eiffel Tower is located in the city of"
+TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def rome(default_engine):
+    return default_engine.train([ROME], "Rome.", edit_id="rome")
+
+
+def _answers(engine, canary: bool = False) -> list[list[int]]:
+    return [g.token_ids for g in engine.generate([ROME, OTHER], TOKENS, canary=canary)]
+
+
+def test_canary_routes_only_for_requests_that_opt_in(fresh_edits, rome):
+    from dataclasses import replace
+
+    engine = fresh_edits
+    base = _answers(engine)
+    engine.add(replace(rome, state="staged"))
+    assert _answers(engine) == base and _answers(engine, canary=True) == base  # staged: never
+    engine.set_state("rome", "canary")
+    assert _answers(engine) == base  # no opt-in: exactly the base model
+    opted = engine.generate([ROME, OTHER], TOKENS, canary=True)
+    assert opted[0].text.startswith(" Rome.") and opted[0].route.edit_id == "rome"
+    assert opted[1].token_ids == base[1] and opted[1].route.edit_id is None
+    engine.set_state("rome", "active")  # promoted: every request routes
+    plain = engine.generate([ROME], TOKENS)[0]
+    assert plain.text.startswith(" Rome.") and plain.route.edit_id == "rome"
+    assert _answers(engine, canary=True) == _answers(engine)
+    engine.set_state("rome", "revoked")
+    assert _answers(engine) == base and _answers(engine, canary=True) == base
+
+
+# --- pre-flight check: CLI on a store -------------------------------------------------------------
+def _cli(capsys, *argv) -> tuple[int, dict | str]:
+    from sola_vllm.cli import main
+
+    code = main([*argv])
+    out = capsys.readouterr()
+    if "--json" in argv:
+        return code, json.loads(out.out)
+    return code, out.out + out.err
+
+
+def _far(engine, rome):
+    """An edit on an unrelated prompt (rome's LoRA, the engine's own key for OTHER)."""
+    from dataclasses import replace
+
+    return replace(rome, id="far", prompts=[OTHER], keys=engine.key_queries([OTHER]))
+
+
+def test_collision_refused_names_the_other_edit_and_force_overrides(tmp_path, capsys, rome,
+                                                                     default_engine):
+    from dataclasses import replace
+
+    store = EditStore(tmp_path / "s")
+    store.add(rome, author="ann")
+    store.add(_far(default_engine, rome), state="staged")
+    twin = tmp_path / "twin.safetensors"
+    twin.write_bytes(replace(rome, id="twin", target="Paris.").to_bytes())
+    journal = (store.path / "journal.jsonl").read_bytes()
+
+    code, out = _cli(capsys, "edit", "import", "--store", str(store.path), str(twin))
+    assert code == 2 and "collides with routed edit(s) ['rome']" in out
+    assert f"its prompt {ROME!r} is at cosine distance" in out
+    assert (store.path / "journal.jsonl").read_bytes() == journal
+    # a canary edit routes too: still refused; `edit check` reports it without adding
+    store.transition("rome", "canary")
+    code, report = _cli(capsys, "edit", "check", "--store", str(store.path), "--file", str(twin),
+                        "--json")
+    assert code == 1 and report["passed"] is False
+    assert [(c["edit"], c["state"], c["prompt"], c["other_prompt"])
+            for c in report["store"]["collisions"]] == [("rome", "canary", ROME, ROME)]
+    assert report["store"]["collisions"][0]["distance"] == pytest.approx(0.0, abs=1e-6)
+    assert [s["id"] for s in store.list()] == ["rome", "far"]
+    # the training path refuses before it trains
+    code, out = _cli(capsys, "edit", "train", "--store", str(store.path), "--prompt", ROME,
+                     "--target", "Paris.", "--id", "paris")
+    assert code == 2 and "['rome']" in out and "paris" not in {s["id"] for s in store.list()}
+
+    code, reply = _cli(capsys, "edit", "import", "--store", str(store.path), str(twin),
+                       "--force", "--state", "staged", "--json")
+    assert code == 0 and reply["check"]["collisions"][0]["edit"] == "rome"
+    assert store.get("twin").state == "staged"
+    store.transition("rome", "revoke")  # revoked and staged edits do not route: no collision
+    code, report = _cli(capsys, "edit", "check", "--store", str(store.path), "--file", str(twin),
+                        "--json")
+    assert code == 0 and report["store"]["collisions"] == [] and report["passed"] is True
+
+
+def test_probe_report_lists_exactly_the_prompts_that_route(tmp_path, capsys, rome,
+                                                           fresh_edits):
+    engine = fresh_edits
+    far = _far(engine, rome)
+    store = EditStore(tmp_path / "s")
+    store.add(far)
+    artifact = tmp_path / "rome.safetensors"
+    artifact.write_bytes(rome.to_bytes())
+    probes = [ROME, "The capital of France is", "The capital city of France is", OTHER,
+              "Paris is the capital of", "The capital of Italy is", "Hello, my name is"]
+    (tmp_path / "probes.txt").write_text("\n".join(probes) + "\n")
+
+    code, report = _cli(capsys, "edit", "check", "--store", str(store.path), "--file",
+                        str(artifact), "--probes", str(tmp_path / "probes.txt"), "--json")
+    assert code == 0, report
+    check = report["store"]
+    # ground truth: route the probes through the engine with both edits routed
+    engine.add_all([far, rome])
+    _, routes = engine.last_logits(probes)
+    want = [p for p, r in zip(probes, routes, strict=True) if r.edit_id == "rome"]
+    assert check["routes_to_new"] == want
+    assert [r["route"] for r in check["probes"]] == [r.edit_id for r in routes]
+    assert ROME in want and OTHER not in want and len(want) < len(probes)
+    assert [p["prompt"] for p in check["probes"]] == probes

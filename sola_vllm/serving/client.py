@@ -50,26 +50,52 @@ def _edit_path(edit_id: str) -> str:
     return "/v1/sola/edits/" + urllib.parse.quote(edit_id, safe="")
 
 
-def push_artifact(server: str, blob: bytes, author: str = "", note: str = "") -> dict:
+def push_artifact(server: str, blob: bytes, author: str = "", note: str = "",
+                  state: str = "active", force: bool = False) -> dict:
     return request(server, "POST", "/v1/sola/edits", blob, "application/octet-stream",
-                   {"author": author, "note": note})
+                   {"author": author, "note": note, "state": state,
+                    "force": "true" if force else ""})
 
 
 def push_training(server: str, prompts: list[str], target: str, edit_id: str | None = None,
-                  author: str = "", note: str = "") -> dict:
-    data = {"prompts": prompts, "target": target, "author": author, "note": note}
+                  author: str = "", note: str = "", state: str = "active", force: bool = False,
+                  probes: list[str] | None = None) -> dict:
+    data = {"prompts": prompts, "target": target, "author": author, "note": note,
+            "state": state, "force": force}
     if edit_id is not None:
         data["id"] = edit_id
+    if probes:
+        data["probes"] = probes
     return request(server, "POST", "/v1/sola/edits", json.dumps(data).encode(),
                    "application/json", timeout=TRAIN_TIMEOUT)
 
 
+def check(server: str, prompts: list[str], probes: list[str] | None = None,
+          edit_id: str | None = None) -> dict:
+    """The server's pre-flight check of an edit with these prompts; nothing is added."""
+    data: dict = {"prompts": prompts}
+    if probes:
+        data["probes"] = probes
+    if edit_id is not None:
+        data["id"] = edit_id
+    return request(server, "POST", "/v1/sola/edits/check", json.dumps(data).encode(),
+                   "application/json")
+
+
+def transition(server: str, edit_id: str, op: str, author: str = "", note: str = "") -> dict:
+    """A lifecycle step: revoke is DELETE /v1/sola/edits/{id}, the others POST .../{op}."""
+    query = {"author": author, "note": note}
+    if op == "revoke":
+        return request(server, "DELETE", _edit_path(edit_id), query=query)
+    return request(server, "POST", f"{_edit_path(edit_id)}/{op}", query=query)
+
+
 def revoke(server: str, edit_id: str) -> dict:
-    return request(server, "DELETE", _edit_path(edit_id))
+    return transition(server, edit_id, "revoke")
 
 
 def restore(server: str, edit_id: str) -> dict:
-    return request(server, "POST", _edit_path(edit_id) + "/restore")
+    return transition(server, edit_id, "restore")
 
 
 def list_edits(server: str) -> dict:
