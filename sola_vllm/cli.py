@@ -94,6 +94,9 @@ def _add_serve(sub) -> None:
     serve.add_argument("--max-edits", type=int, default=1024, help="edit slots (fixed at start)")
     serve.add_argument("--max-keys", type=int, default=4096, help="key rows (fixed at start)")
     serve.add_argument("--max-rank", type=int, default=8, help="largest LoRA rank accepted")
+    serve.add_argument("--canary-fraction", type=float, default=0.0,
+                       help="share of requests (by request id hash) routed to canary edits "
+                            "besides those that opt in with vllm_xargs sola_canary (default 0)")
     _add_model(serve)
     _add_json(serve)
 

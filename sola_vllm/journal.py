@@ -24,15 +24,23 @@ from .edit import STATES as STATES  # re-exported: the lifecycle's states
 from .edit import validate_id
 
 INITIAL_STATES = ("staged", "canary", "active")  # what "add" may start an edit in
-# op -> (the states it applies to, the state it leads to); a state not listed is refused
+# op -> (the states it applies to, the state it leads to); a state not listed is refused.
+# Every step has an inverse step, so a server can undo a store change the engine refused.
 TRANSITIONS: dict[str, tuple[tuple[str, ...], str]] = {
-    "stage": (("canary", "revoked"), "staged"),
+    "stage": (("canary", "active", "revoked"), "staged"),
     "canary": (("staged", "active", "revoked"), "canary"),
     "promote": (("staged", "canary"), "active"),
     "revoke": (("staged", "canary", "active"), "revoked"),
     "restore": (("revoked",), "active"),
 }
 OPS = ("add", *TRANSITIONS)
+
+
+def inverse_op(op: str, previous: str) -> str:
+    """The op that takes an edit back from where `op` led to `previous`."""
+    target = TRANSITIONS[op][1]
+    return next(o for o, (sources, to) in TRANSITIONS.items()
+                if to == previous and target in sources)
 
 
 def transition_problem(op: str, edit_id: str, state: str) -> str | None:

@@ -234,3 +234,60 @@ def test_probe_report_lists_exactly_the_prompts_that_route(tmp_path, capsys, rom
     assert [r["route"] for r in check["probes"]] == [r.edit_id for r in routes]
     assert ROME in want and OTHER not in want and len(want) < len(probes)
     assert [p["prompt"] for p in check["probes"]] == probes
+
+
+# --- the serving runtime (no vLLM) ---------------------------------------------------------------
+def test_runtime_routes_canary_edits_only_for_requests_that_opt_in():
+    import dataclasses
+
+    import torch
+    from test_serving_runtime import edit, make_runtime, step
+
+    from sola_vllm.preflight import KeyGroup
+    from sola_vllm.serving.runner_hooks import opts_in_to_canary
+
+    runtime = make_runtime()
+    e0, e1 = edit(0), edit(1)
+    runtime.add_edit(e0, e0.keys)
+    runtime.add_edit(e1, e1.keys, active=False)
+    assert runtime.set_state("e1", "canary")["state"] == "canary"
+    hidden = torch.cat([e1.keys, e1.keys, e0.keys, e0.keys])  # one key token per request
+    runtime.step = step(["plain", "opted", "plain0", "opted0"], [1] * 4, [[0]] * 4)
+    runtime.step.canary = [False, True, False, True]
+    runtime.route(hidden)
+    assert runtime.routes == {"plain": -1, "opted": 1, "plain0": 0, "opted0": 0}
+    runtime.finish_requests(list(runtime.routes))
+    for state, plain, opted in (("staged", -1, -1), ("active", 1, 1), ("revoked", -1, -1)):
+        runtime.set_state("e1", state)
+        runtime.step = step(["p", "o"], [1, 1], [[0], [0]])
+        runtime.step.canary = [False, True]
+        runtime.route(torch.cat([e1.keys, e1.keys]))
+        assert runtime.routes == {"p": plain, "o": opted}, state
+        runtime.finish_requests(["p", "o"])
+    # a canary fraction of 1 opts every request in; 0 (the default) none
+    runtime.set_state("e1", "canary")
+    runtime.config = dataclasses.replace(runtime.config, canary_fraction=1.0)
+    runtime.step = step(["x"], [1], [[0]])
+    runtime.route(e1.keys)
+    assert runtime.routes == {"x": 1}
+    assert [opts_in_to_canary(v) for v in (True, 1, "true", "1", None, 0, "no", 2)] == [
+        True, True, True, True, False, False, False, False]
+    # the runtime's pre-flight sees canary and active edits, with the captured keys
+    report = runtime.preflight(KeyGroup("new", "active", e1.keys.clone(), ["p"]), [], None)
+    assert [(c["edit"], c["state"]) for c in report["collisions"]] == [("e1", "canary")]
+
+
+def test_cli_transitions_on_a_store_are_journaled(tmp_path, capsys):
+    store = EditStore(tmp_path / "s")
+    store.add(make_synthetic_edit("e"), state="staged")
+    where = ["--store", str(store.path)]
+    for op, state in (("canary", "canary"), ("promote", "active"), ("stage", "staged")):
+        code, reply = _cli(capsys, "edit", op, *where, "e", "--author", "ann", "--note", op,
+                           "--json")
+        assert code == 0 and reply["state"] == state == store.get("e").state
+    code, out = _cli(capsys, "edit", "restore", *where, "e")
+    assert code == 2 and "cannot restore edit 'e': it is staged" in out
+    assert [(h["op"], h["author"], h["note"]) for h in store.history("e")[1:]] == [
+        ("canary", "ann", "canary"), ("promote", "ann", "promote"), ("stage", "ann", "stage")]
+    code, out = _cli(capsys, "edit", "check", *where, "--file", str(tmp_path / "missing"))
+    assert code == 2 and "missing" in out
