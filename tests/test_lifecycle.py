@@ -291,3 +291,12 @@ def test_cli_transitions_on_a_store_are_journaled(tmp_path, capsys):
         ("canary", "ann", "canary"), ("promote", "ann", "promote"), ("stage", "ann", "stage")]
     code, out = _cli(capsys, "edit", "check", *where, "--file", str(tmp_path / "missing"))
     assert code == 2 and "missing" in out
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.5, float("nan")])
+def test_canary_fraction_is_validated(fraction):
+    from sola_vllm.serving.config import ServingConfig
+
+    with pytest.raises(ValueError, match="canary_fraction"):
+        ServingConfig("llama", (1,), ("mlp.up_proj",), "s" * 64, "m" * 64,
+                      canary_fraction=fraction)
