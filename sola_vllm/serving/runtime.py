@@ -71,6 +71,10 @@ class _SlotInfo:
     def routed(self) -> bool:
         return self.state in ("active", "canary")
 
+    @property
+    def active(self) -> bool:  # routed for every request
+        return self.state == "active"
+
 
 class SolaRuntime:
     def __init__(self, config: ServingConfig, hidden_size: int, targets: list[list[LoraTarget]],
@@ -101,7 +105,7 @@ class SolaRuntime:
         self.step: StepMeta | None = None
         self._groups: list[tuple[int, torch.Tensor]] = []  # (slot, token indices), this forward
         self._grouped_tokens = 0
-        self._routed: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}  # opted in -> table
+        self._key_tables: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}  # opted in -> table
 
     # --- edits ----------------------------------------------------------------------------------
     def check_edit(self, edit: Edit, keys: torch.Tensor) -> None:
@@ -162,7 +166,7 @@ class SolaRuntime:
         info.state = state
         self.key_owner[info.key_rows] = info.slot if info.routed else -1
         self.slot_canary[info.slot] = state == "canary"
-        self._routed = {}
+        self._key_tables = {}
         return self.describe(edit_id)
 
     def remove_edit(self, edit_id: str) -> None:
@@ -202,14 +206,14 @@ class SolaRuntime:
     def routed_keys(self, opted_in: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys [N, d], owner slots [N]) a request routes among: active edits' keys, plus
         canary edits' when it opts in."""
-        if opted_in not in self._routed:
+        if opted_in not in self._key_tables:
             owned = self.key_owner >= 0
             if not opted_in:
                 owned &= ~self.slot_canary[self.key_owner.clamp_min(0).long()]
             rows = owned.nonzero().squeeze(1)
-            self._routed[opted_in] = (self.keys[rows].contiguous(),
+            self._key_tables[opted_in] = (self.keys[rows].contiguous(),
                                       self.key_owner[rows].contiguous())
-        return self._routed[opted_in]
+        return self._key_tables[opted_in]
 
     def opts_in(self, req_id: str, flag: bool) -> bool:
         """A request sees canary edits when it asks to, or when its id hashes into the
