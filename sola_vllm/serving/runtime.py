@@ -92,7 +92,8 @@ class SolaRuntime:
         # vLLM builds models under the model dtype as torch's default: name fp32 explicitly
         self.keys = torch.zeros(config.max_keys, hidden_size, dtype=torch.float32)
         self.key_owner = torch.full((config.max_keys,), -1, dtype=torch.int32)
-        self.slot_canary = torch.zeros(s, dtype=torch.bool)  # slot routes for opted-in only
+        # per slot: a canary edit, routed only for requests that opt in
+        self.slot_canary = torch.zeros(config.max_edits, dtype=torch.bool)
         self.tok_slot = torch.full((max_num_tokens,), -1, dtype=torch.int32)
         self.edits: dict[str, _SlotInfo] = {}
         self.slot_edit: list[str | None] = [None] * s
