@@ -53,7 +53,39 @@ def _add_push(edit) -> None:
     push.add_argument("--author", default="", help="who made the change (journal)")
     push.add_argument("--note", default="", help="free text for the journal")
     _add_admin_token(push)
+    _add_preflight(push)
     _add_json(push)
+
+
+def _add_preflight(p: argparse.ArgumentParser, state: bool = True) -> None:
+    if state:
+        p.add_argument("--state", choices=["staged", "canary", "active"], default=None,
+                       help="lifecycle state to add it in (default: active)")
+        p.add_argument("--force", action="store_true",
+                       help="add it even if its keys collide with a routed edit's")
+    p.add_argument("--probes", type=Path, default=None,
+                   help="locality set: prompts (JSON list or one per line); reports which "
+                        "would route to the new edit")
+
+
+_TRANSITIONS = (("stage", "take an edit out of routing, keep it staged"),
+                ("canary", "route an edit only for requests that opt in (sola_canary)"),
+                ("promote", "route an edit for every request (active)"),
+                ("revoke", "stop routing to an edit (kept for audit)"),
+                ("restore", "route to a revoked edit again"))
+
+
+def _add_check(edit) -> None:
+    check = edit.add_parser("check", help="pre-flight check of a new edit, without adding it")
+    check.add_argument("--store", type=Path, help="check against this store (reference engine)")
+    check.add_argument("--server", help="check against a running `sola-vllm serve`")
+    check.add_argument("--file", type=Path, help="the new edit's artifact")
+    check.add_argument("--prompt", action="append", help="or the new edit's prompts")
+    check.add_argument("--id", default=None, help="with --prompt: a name for the report")
+    _add_preflight(check, state=False)
+    _add_admin_token(check)
+    _add_model(check)
+    _add_json(check)
 
 
 def _add_serve(sub) -> None:
@@ -71,6 +103,9 @@ def _add_serve(sub) -> None:
     serve.add_argument("--max-rank", type=int, default=8, help="largest LoRA rank accepted")
     serve.add_argument("--request-log", type=int, default=10000,
                        help="routing decisions kept for GET /v1/sola/requests/{id}")
+    serve.add_argument("--canary-fraction", type=float, default=0.0,
+                       help="share of requests (by request id hash) routed to canary edits "
+                            "besides those that opt in with vllm_xargs sola_canary (default 0)")
     _add_model(serve)
     serve.add_argument("--admin-token", default=None,
                        help="token the /v1/sola/ routes require in X-Sola-Admin-Token (default: "
@@ -104,11 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--note", default="", help="free text kept with the edit")
     train.add_argument("--author", default="", help="who made the edit")
     train.add_argument("--no-activate", action="store_true", help="store it revoked")
+    _add_preflight(train)
     _add_model(train)
     _add_json(train)
-    for action, text in (("list", "list edits"), ("show", "show one edit"),
-                         ("revoke", "stop routing to an edit (kept for audit)"),
-                         ("restore", "route to a revoked edit again")):
+    for action, text in (("list", "list edits"), ("show", "show one edit"), *_TRANSITIONS):
         p = edit.add_parser(action, help=text)
         if action == "show":
             _add_store(p)
@@ -117,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
             _add_admin_token(p)
         if action != "list":
             p.add_argument("id")
+        if action not in ("list", "show"):
+            p.add_argument("--author", default="", help="who made the change (journal)")
+            p.add_argument("--note", default="", help="free text for the journal")
         _add_json(p)
     export = edit.add_parser("export", help="export one edit (file or PEFT folder) or a store")
     _add_store(export)
@@ -130,9 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("path", type=Path, help="edit .safetensors file or exported store dir")
     imp.add_argument("--author", default="")
     imp.add_argument("--note", default="")
+    _add_preflight(imp)
+    _add_model(imp)
     _add_json(imp)
 
     _add_push(edit)
+    _add_check(edit)
     _add_serve(sub)
 
     audit = sub.add_parser("audit", help="the last records of the edit API's audit log")
@@ -147,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store(gen, required=False)
     gen.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
     gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--canary", action="store_true",
+                     help="opt in to canary edits (reference engine)")
     gen.add_argument("--engine", choices=["reference", "vllm"], default="reference",
                      help="reference: the transformers ground truth; vllm: vLLM with the plugin")
     _add_model(gen)
@@ -184,8 +226,8 @@ HANDLERS = {
     ("edit", "train"): commands.edit_train,
     ("edit", "list"): commands.edit_list,
     ("edit", "show"): commands.edit_show,
-    ("edit", "revoke"): commands.edit_revoke,
-    ("edit", "restore"): commands.edit_restore,
+    **{("edit", op): commands.edit_transition for op, _ in _TRANSITIONS},
+    ("edit", "check"): commands.edit_check,
     ("edit", "export"): commands.edit_export,
     ("edit", "import"): commands.edit_import,
     ("edit", "push"): commands.edit_push,
@@ -214,11 +256,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"sola-vllm: error: {message}", file=sys.stderr)
         return 2
+    status = int(result.pop("exit_status", 0))  # `edit check`: 1 when it found a collision
     if args.json:
         print(json.dumps({"ok": True, **result}, indent=2, default=str))
     else:
         print(result.get("text", ""))
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from . import preflight
 from .config import EditConfig, SolaConfig
 from .edit import EditFormatError
 from .models import ModelFetchError
+from .preflight import KeyGroup
 from .store import EditStore, StoreError
 
 USER_ERRORS = (ValueError, KeyError, StoreError, ModelFetchError, EditFormatError, OSError)
@@ -122,7 +124,12 @@ def edit_train(args) -> dict:
 
     store = EditStore(args.store)
     config = load_config(args.config)
+    state = _initial_state(args)
+    probes = _probes(args)  # a bad probe file fails before the model loads
     engine = open_engine(args.model, config, store, progress=not args.json)
+    # the keys training stores are these same key queries: check before spending the training
+    new = KeyGroup(args.id or "new edit", state, engine.key_queries(args.prompt), args.prompt)
+    check = _refuse_collisions(preflight.check_with_engine(engine, new, probes), args.force)
     bar = tqdm(total=config.train.steps, desc="training edit", disable=args.json, leave=False)
 
     def on_step(step: int, loss: float) -> None:
@@ -135,14 +142,15 @@ def edit_train(args) -> dict:
     finally:
         bar.close()
     with audited(store.path, "train", edit.id, args.author):
-        store.add(edit, author=args.author, note=args.note)
+        store.add(edit, author=args.author, note=args.note, state=state)
         if args.no_activate:
             store.revoke(edit.id, author=args.author, note="stored revoked (--no-activate)")
     summary = store.get(edit.id).summary()
     info = edit.train_info
     text = (f"trained edit {edit.id} in {info['seconds']} s ({info['steps']} steps, "
-            f"loss {info['loss']:.4f}, fit={info['fit']}) -> {args.store}")
-    return {"edit": summary, "text": text}
+            f"loss {info['loss']:.4f}, fit={info['fit']}) -> {args.store} ({summary['state']})")
+    return {"edit": summary, "check": {**check, "edit": edit.id},
+            "text": "\n".join([text, *_check_lines(check, header=False)])}
 
 
 def edit_list(args) -> dict:
@@ -164,22 +172,15 @@ def edit_show(args) -> dict:
             "text": json.dumps({**summary, "history": history}, indent=2, default=str)}
 
 
-def _set_state(args, revoke: bool) -> dict:
+def edit_transition(args) -> dict:
+    """`edit stage|canary|promote|revoke|restore ID`: one lifecycle step, journaled."""
+    op = args.action
     if getattr(args, "server", None):
-        return _remote_set_state(args, revoke)
+        return _remote_transition(args, op)
     store = _existing_store(args.store)
-    with audited(store.path, "revoke" if revoke else "restore", args.id):
-        (store.revoke if revoke else store.restore)(args.id)
-    state = store.get(args.id).state
+    with audited(store.path, op, args.id, args.author):
+        state = store.transition(args.id, op, author=args.author, note=args.note)
     return {"id": args.id, "state": state, "text": f"edit {args.id} is now {state}"}
-
-
-def edit_revoke(args) -> dict:
-    return _set_state(args, revoke=True)
-
-
-def edit_restore(args) -> dict:
-    return _set_state(args, revoke=False)
 
 
 def edit_export(args) -> dict:
@@ -199,13 +200,106 @@ def edit_export(args) -> dict:
 
 
 def edit_import(args) -> dict:
+    """An exported store keeps its states (no pre-flight: its edits were checked when they were
+    added); one artifact is checked against the store's routed edits first."""
     store = EditStore(args.store)
     with audited(store.path, "import", None, args.author):
         if Path(args.path).is_dir():
             ids = store.import_store(args.path)
-        else:
-            ids = [store.import_edit(args.path, author=args.author, note=args.note).id]
-    return {"imported": ids, "text": f"imported {len(ids)} edit(s): {', '.join(ids)}"}
+            return {"imported": ids, "text": f"imported {len(ids)} edit(s): {', '.join(ids)}"}
+        state = _initial_state(args)
+        edit = _read_artifact(args.path)
+        check = _refuse_collisions(_offline_check(args, store, edit, state), args.force)
+        store.import_edit(args.path, author=args.author, note=args.note, state=state)
+    return {"imported": [edit.id], "check": check,
+            "text": "\n".join([f"imported edit {edit.id} ({state})",
+                               *_check_lines(check, header=False)])}
+
+
+def edit_check(args) -> dict:
+    """The pre-flight check of a new edit (an artifact, or prompts) without adding it: against
+    a store with the reference engine, and/or against a running server."""
+    if not (args.store or args.server):
+        raise ValueError("give --store DIR and/or --server URL to check against")
+    if bool(args.file) == bool(args.prompt):
+        raise ValueError("give exactly one of --file ARTIFACT or --prompt TEXT (repeatable)")
+    edit = _read_artifact(args.file) if args.file else None
+    result: dict = {}
+    if args.store:
+        result["store"] = _offline_check(args, _existing_store(args.store), edit, "active",
+                                         prompts=args.prompt)
+    if args.server:
+        from .serving import client
+
+        prompts = edit.prompts if edit is not None else args.prompt
+        result["server"] = client.check(args.server, prompts, _probes(args),
+                                        edit.id if edit is not None else args.id,
+                                        token=args.admin_token)
+    lines = []
+    for where, check in result.items():
+        lines += [f"{where}:", *_check_lines(check)]
+    passed = all(check["ok"] for check in result.values())
+    return {**result, "passed": passed, "exit_status": 0 if passed else 1,
+            "text": "\n".join(lines)}
+
+
+# --- the pre-flight check -------------------------------------------------------------------------
+def _initial_state(args) -> str:
+    state = getattr(args, "state", None) or "active"
+    if getattr(args, "no_activate", False) and state != "active":
+        raise ValueError("--no-activate stores the edit revoked: it does not go with --state")
+    return state
+
+
+def _probes(args) -> list[str] | None:
+    return preflight.load_probe_prompts(args.probes) if getattr(args, "probes", None) else None
+
+
+def _read_artifact(path: Path):
+    from .edit import Edit
+
+    try:
+        return Edit.from_bytes(Path(path).read_bytes())
+    except EditFormatError as exc:
+        raise ValueError(f"{path} is not a valid edit artifact: {exc}") from exc
+
+
+def _offline_check(args, store: EditStore, edit, state: str,
+                   prompts: list[str] | None = None) -> dict:
+    """With the reference engine when its key queries are needed (probes, or prompts without
+    an artifact); else from the stored keys alone, without loading the model."""
+    probes = _probes(args)
+    if probes or edit is None:
+        engine = open_engine(args.model, load_config(args.config), store,
+                             progress=not args.json)
+        new = (KeyGroup(edit.id, state, edit.keys.float(), edit.prompts) if edit is not None
+               else KeyGroup(args.id or "new edit", state, engine.key_queries(prompts), prompts))
+        return preflight.check_with_engine(engine, new, probes)
+    router = load_config(args.config).router
+    routed = [KeyGroup(e.id, e.state, e.keys.float(), e.prompts)
+              for e in (store.load().edits if store.exists() else [])
+              if e.state in ("active", "canary")]
+    new = KeyGroup(edit.id, state, edit.keys.float(), edit.prompts)
+    return preflight.check(new, routed, router.threshold, router.metric)
+
+
+def _refuse_collisions(check: dict, force: bool) -> dict:
+    if check["collisions"] and not force:
+        raise ValueError(preflight.collision_message(check))
+    return check
+
+
+def _check_lines(check: dict, header: bool = True) -> list[str]:
+    lines = [f"edit {check['edit']}: {'ok' if check['ok'] else 'COLLIDES'} "
+             f"({check['metric']} threshold {check['threshold']:.4g})"] if header else []
+    lines += [f"  collides with {c['edit']} ({c['state']}) at distance {c['distance']:.4g}: "
+              f"{c['prompt']!r} ~ {c['other_prompt']!r}" for c in check["collisions"]]
+    if check["probes"] is not None:
+        taken = check["routes_to_new"]
+        lines.append(f"  {len(taken)} of {len(check['probes'])} probe(s) route to it")
+        lines += [f"    {p['distance_to_new']:.4g} {p['prompt']!r}" for p in check["probes"]
+                  if p["route"] == check["edit"]]
+    return lines
 
 
 # --- a running server (`sola-vllm serve`) ---------------------------------------------------------
@@ -221,7 +315,8 @@ def edit_push(args) -> dict:
         if not args.target:
             raise ValueError("--prompt needs --target (the answer the model should give)")
         reply = client.push_training(args.server, args.prompt, args.target, args.id,
-                                     args.author, args.note, token=args.admin_token)
+                                     args.author, args.note, token=args.admin_token,
+                                     **_push_options(args))
     else:
         if args.target:
             raise ValueError("--target goes with --prompt")
@@ -229,17 +324,34 @@ def edit_push(args) -> dict:
             raise ValueError("--store needs --id: the edit to push")
         blob = (Path(args.file).read_bytes() if args.file
                 else _existing_store(args.store).get(args.id).to_bytes())
-        reply = client.push_artifact(args.server, blob, args.author, args.note,
+        options = _push_options(args)
+        probes = options.pop("probes")
+        reply = client.push_artifact(args.server, blob, args.author, args.note, **options,
                                      token=args.admin_token)
+        if probes:  # an artifact's body carries no probes: the check route routes them
+            from .edit import Edit
+
+            edit = Edit.from_bytes(blob)
+            probed = client.check(args.server, edit.prompts, probes, edit.id,
+                                  token=args.admin_token)
+            reply["check"] = {**reply["check"], "probes": probed["probes"],
+                              "routes_to_new": probed["routes_to_new"]}
     edit = reply["edit"]
-    return {**reply, "text": f"pushed edit {edit['id']} to {args.server}: {_edit_line(edit)}"}
+    lines = [f"pushed edit {edit['id']} to {args.server}: {_edit_line(edit)}"]
+    if reply.get("check"):
+        lines += _check_lines(reply["check"], header=False)
+    return {**reply, "text": "\n".join(lines)}
 
 
-def _remote_set_state(args, revoke: bool) -> dict:
+def _push_options(args) -> dict:
+    return {"state": args.state or "active", "force": args.force, "probes": _probes(args)}
+
+
+def _remote_transition(args, op: str) -> dict:
     from .serving import client
 
-    reply = (client.revoke if revoke else client.restore)(args.server, args.id,
-                                                          token=args.admin_token)
+    reply = client.transition(args.server, args.id, op, args.author, args.note,
+                              token=args.admin_token)
     state = reply["edit"]["state"]
     return {**reply, "id": args.id, "state": state,
             "text": f"edit {args.id} is now {state} on {args.server}"}
@@ -282,10 +394,14 @@ def generate(args) -> dict:
     store = _existing_store(args.store) if args.store is not None else None
     config = load_config(args.config)
     if args.engine == "vllm":
+        if args.canary:
+            raise ValueError("--canary works with --engine reference (on a server, send "
+                             '"vllm_xargs": {"sola_canary": true} with the request)')
         rows = _generate_vllm(args, config, store)
     else:
         engine = open_engine(args.model, config, store, progress=not args.json)
-        results = engine.generate(args.prompt, max_new_tokens=args.max_tokens)
+        results = engine.generate(args.prompt, max_new_tokens=args.max_tokens,
+                                  canary=args.canary)
         rows = [{"prompt": p, "text": g.text, "token_ids": g.token_ids,
                  "edit": g.route.edit_id, "distance": g.route.distance}
                 for p, g in zip(args.prompt, results, strict=True)]

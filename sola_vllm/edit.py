@@ -3,7 +3,7 @@
 An edit artifact is one `.safetensors` file: tensors `keys` ([num_keys, hidden], fp32) and
 `lora.{layer}.{module}.A` ([rank, in], fp32) / `.B` ([out, rank], fp32); the header's
 `__metadata__["sola_vllm.edit"]` holds the JSON metadata. The artifact is immutable: an
-edit's state (active / revoked) lives in the store's journal, not in the file.
+edit's state (staged / canary / active / revoked) lives in the store's journal, not in the file.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from safetensors.torch import save as st_save
 
 FORMAT = "sola-vllm-edit"
 FORMAT_VERSION = 1
-STATES = ("active", "revoked")
+# the lifecycle (see `journal.TRANSITIONS`): staged is stored only, canary routes for requests
+# that opt in, active for every request, revoked for none
+STATES = ("staged", "canary", "active", "revoked")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 META_KEY = "sola_vllm.edit"
 

@@ -3,10 +3,14 @@
 A frozen base model, a set of edits, per-sequence nearest-key routing at the first edited layer
 (decision 1), the edit's LoRA applied from the key token on (decision 2), and a route decided
 once per request at its key token and kept for every decode step (decision 3).
+
+Lifecycle: active edits route for every request, canary edits only for calls that opt in
+(`generate(..., canary=True)`), staged and revoked edits stay loaded but never route.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +64,10 @@ class RoutedEngine:
         self.modules = install_routed_lora(model, shape, self.ctx)
         self.edits: dict[str, Edit] = {}
         self.active: set[str] = set()  # the engine's own state; the Edit objects stay untouched
-        self.table = KeyTable()
+        self.canary: set[str] = set()  # routed only for calls that opt in
+        self.table = KeyTable()  # active edits: what every request routes among
+        self.canary_table = KeyTable()  # active and canary edits: for requests that opt in
+        self._routing: KeyTable | None = None  # the table of the call in progress
         self._pending: _Batch | None = None  # prefill: routes decided in the key-layer hook
         self._slots: torch.Tensor | None = None  # [B] decided routes (-1 = none)
         self._distances: torch.Tensor | None = None
@@ -128,6 +135,8 @@ class RoutedEngine:
         self.edits[edit.id] = edit
         if edit.state == "active":
             self.active.add(edit.id)
+        elif edit.state == "canary":
+            self.canary.add(edit.id)
 
     def remove(self, edit_id: str) -> None:
         self._get(edit_id)
@@ -135,17 +144,27 @@ class RoutedEngine:
             module.drop_adapter(edit_id)
         del self.edits[edit_id]
         self.active.discard(edit_id)
+        self.canary.discard(edit_id)
         self._rebuild_table()
 
     def revoke(self, edit_id: str) -> None:
         """Remove the edit's keys from routing; its LoRA stays loaded for a later restore."""
-        self._get(edit_id)
-        self.active.discard(edit_id)
-        self._rebuild_table()
+        self.set_state(edit_id, "revoked")
 
     def restore(self, edit_id: str) -> None:
+        self.set_state(edit_id, "active")
+
+    def set_state(self, edit_id: str, state: str) -> None:
+        """Route a loaded edit as its lifecycle state says: active for every call, canary for
+        calls that opt in, staged / revoked for none."""
+        from .edit import STATES
+
         self._get(edit_id)
-        self.active.add(edit_id)
+        if state not in STATES:
+            raise ValueError(f"edit state {state!r} is not one of {STATES}")
+        self.active.discard(edit_id)
+        self.canary.discard(edit_id)
+        {"active": self.active, "canary": self.canary}.get(state, set()).add(edit_id)
         self._rebuild_table()
 
     def set_active(self, edit_ids) -> None:
@@ -155,6 +174,7 @@ class RoutedEngine:
         if unknown:
             raise KeyError(f"edits {unknown[:5]} are not loaded")
         self.active = edit_ids
+        self.canary -= edit_ids
         self._rebuild_table()
 
     def _get(self, edit_id: str) -> Edit:
@@ -164,6 +184,13 @@ class RoutedEngine:
 
     def _rebuild_table(self) -> None:
         self.table = KeyTable.build([e for e in self.edits.values() if e.id in self.active])
+        self.canary_table = KeyTable.build([e for e in self.edits.values()
+                                            if e.id in self.active or e.id in self.canary])
+
+    @property
+    def routing_table(self) -> KeyTable:
+        """The table of the call in progress (canary or not); the active one outside calls."""
+        return self.table if self._routing is None else self._routing
 
     # --- tokenization ---------------------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:
@@ -193,7 +220,8 @@ class RoutedEngine:
     # --- routing --------------------------------------------------------------------------------
     def route_keys(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """queries: [S, d] -> (slot int64 [S] (-1 = none), distance fp32 [S])."""
-        slot, dist, _ = nearest_key_ref(queries.float(), self.table.keys, self.table.owners,
+        table = self.routing_table
+        slot, dist, _ = nearest_key_ref(queries.float(), table.keys, table.owners,
                                         self.router.threshold, self.router.metric)
         return slot.long(), dist
 
@@ -231,11 +259,12 @@ class RoutedEngine:
             self._slots, self._distances = self.route_keys(hidden[rows, self._pending.key_pos])
             self._pending = None
         groups = apply_indices(self._slots, self._apply_mask)
-        self.ctx.plan = [(self.table.edit_ids[slot], idx) for slot, idx in groups.items()]
+        self.ctx.plan = [(self.routing_table.edit_ids[slot], idx) for slot, idx in groups.items()]
         return None
 
     def routes(self) -> list[Route]:
-        return [Route(self.table.edit_ids[s] if s >= 0 else None, float(d))
+        ids = self.routing_table.edit_ids
+        return [Route(ids[s] if s >= 0 else None, float(d))
                 for s, d in zip(self._slots.tolist(), self._distances.tolist(), strict=True)]
 
     # --- forward --------------------------------------------------------------------------------
@@ -255,13 +284,24 @@ class RoutedEngine:
         position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
         return self._forward(batch.input_ids, batch.attention_mask, position_ids, None, apply_mask)
 
+    @contextlib.contextmanager
+    def _opted_in(self, canary: bool):
+        """Route the calls inside among active edits, or (canary=True) active and canary ones."""
+        self._routing = self.canary_table if canary else self.table
+        try:
+            yield
+        finally:
+            self._routing = None
+
     @torch.inference_mode()
-    def forward_logits(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[Route]]:
+    def forward_logits(self, prompts: list[str],
+                       canary: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[Route]]:
         """One routed prefill: logits fp32 [B, T, vocab] (left-padded), attention mask [B, T],
-        and each prompt's route."""
+        and each prompt's route. `canary`: the prompts opt in to canary edits."""
         batch = self._batch(prompts)
-        out = self._prefill(batch)
-        return out.logits.float(), batch.attention_mask, self.routes()
+        with self._opted_in(canary):
+            out = self._prefill(batch)
+            return out.logits.float(), batch.attention_mask, self.routes()
 
     def last_logits(self, prompts: list[str]) -> tuple[torch.Tensor, list[Route]]:
         """Next-token logits after each prompt, fp32 [B, vocab], and each prompt's route."""
@@ -289,9 +329,15 @@ class RoutedEngine:
             predicted.append(out.logits[row, cols].argmax(-1).tolist())
         return predicted, self.routes()
 
+    def generate(self, prompts: list[str], max_new_tokens: int = 32,
+                 canary: bool = False) -> list[Generation]:
+        """Greedy decoding with a KV cache; each row's route is decided at its key token.
+        `canary`: the prompts opt in to canary edits (else only active edits route)."""
+        with self._opted_in(canary):
+            return self._generate(prompts, max_new_tokens)
+
     @torch.inference_mode()
-    def generate(self, prompts: list[str], max_new_tokens: int = 32) -> list[Generation]:
-        """Greedy decoding with a KV cache; each row's route is decided at its key token."""
+    def _generate(self, prompts: list[str], max_new_tokens: int) -> list[Generation]:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         batch = self._batch(prompts)

@@ -1,8 +1,13 @@
 """The edit store's journal: append-only JSON lines, each carrying a checksum of itself.
 
 `journal.jsonl` holds one object per line, ``{"seq", "time", "op", "id", "author", "note",
-["sha256" for "add"], "crc"}``, where crc is `config.fingerprint` of the rest. Replaying the
-lines in order gives every edit's state: add -> active, revoke -> revoked, restore -> active.
+["sha256" and optional "state" for "add"], "crc"}``, where crc is `config.fingerprint` of the
+rest. Replaying the lines in order gives every edit's state: "add" starts an edit in its
+"state" (active when absent, as every journal written before the lifecycle has it), and each
+other op moves it along `TRANSITIONS` (the one table of the edit lifecycle):
+
+    staged  (stored, not routed) --canary--> canary (routed for requests that opt in)
+            --promote--> active (routed for every request) --revoke--> revoked --restore--> active
 A bad *last* line is a torn write (a writer killed mid-append): readers ignore it and the next
 writer truncates it. A bad line before the last is corruption: reported, skipped, never deleted.
 """
@@ -15,9 +20,38 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import fingerprint
+from .edit import STATES as STATES  # re-exported: the lifecycle's states
 from .edit import validate_id
 
-OPS = ("add", "revoke", "restore")
+INITIAL_STATES = ("staged", "canary", "active")  # what "add" may start an edit in
+# op -> (the states it applies to, the state it leads to); a state not listed is refused.
+# Every step has an inverse step, so a server can undo a store change the engine refused.
+TRANSITIONS: dict[str, tuple[tuple[str, ...], str]] = {
+    "stage": (("canary", "active", "revoked"), "staged"),
+    "canary": (("staged", "active", "revoked"), "canary"),
+    "promote": (("staged", "canary"), "active"),
+    "revoke": (("staged", "canary", "active"), "revoked"),
+    "restore": (("revoked",), "active"),
+}
+OPS = ("add", *TRANSITIONS)
+
+
+def inverse_op(op: str, previous: str) -> str:
+    """The op that takes an edit back from where `op` led to `previous`."""
+    target = TRANSITIONS[op][1]
+    return next(o for o, (sources, to) in TRANSITIONS.items()
+                if to == previous and target in sources)
+
+
+def transition_problem(op: str, edit_id: str, state: str) -> str | None:
+    """Why `op` cannot apply to an edit in `state` (a message naming both), or None."""
+    sources, target = TRANSITIONS[op]
+    if state in sources:
+        return None
+    if state == target:
+        return f"cannot {op} edit {edit_id!r}: it is already {state}"
+    return (f"cannot {op} edit {edit_id!r}: it is {state}; {op} applies to an edit that is "
+            f"{' or '.join(sources)}")
 
 
 @dataclass
@@ -45,10 +79,13 @@ class _Journal:
         return self.good_size < self.size
 
 
-def _entry(op: str, edit_id: str, author: str, note: str, sha256: str | None = None) -> dict:
+def _entry(op: str, edit_id: str, author: str, note: str, sha256: str | None = None,
+           state: str = "active") -> dict:
     entry = {"time": time.time(), "op": op, "id": edit_id, "author": author, "note": note}
     if sha256 is not None:
         entry["sha256"] = sha256
+    if state != "active":  # an add without "state" is active: old journals read unchanged
+        entry["state"] = state
     return entry
 
 
@@ -80,6 +117,8 @@ def _parse_line(raw: bytes) -> dict:
     sha = entry.get("sha256")
     if entry["op"] == "add" and not (isinstance(sha, str) and len(sha) == 64):
         raise ValueError("add without a sha256")
+    if entry["op"] == "add" and entry.get("state", "active") not in INITIAL_STATES:
+        raise ValueError(f"add with state {entry.get('state')!r}")
     return entry
 
 
@@ -104,18 +143,18 @@ def _parse_journal(data: bytes, path: Path) -> _Journal:
 
 
 def _replay(entries: list[dict], path: Path) -> tuple[dict[str, _Record], list[str]]:
-    """State of every edit: add -> active, revoke -> revoked, restore -> active."""
+    """State of every edit: "add" starts it, the other ops move it along `TRANSITIONS`."""
     records: dict[str, _Record] = {}
     problems = []
     for e in entries:
         rec = records.get(e["id"])
         if e["op"] == "add":
             if rec is None:
-                records[e["id"]] = _Record(e["id"], e["sha256"], "active", e["time"],
-                                           e["author"], e["note"])
+                records[e["id"]] = _Record(e["id"], e["sha256"], e.get("state", "active"),
+                                           e["time"], e["author"], e["note"])
                 continue
-        elif rec is not None and rec.state == ("active" if e["op"] == "revoke" else "revoked"):
-            rec.state = "revoked" if e["op"] == "revoke" else "active"
+        elif rec is not None and transition_problem(e["op"], e["id"], rec.state) is None:
+            rec.state = TRANSITIONS[e["op"]][1]
             continue
         problems.append(f"{path}: entry seq {e['seq']} ({e['op']} {e['id']!r}) does not apply "
                         "to the edit's state; ignored")

@@ -4,7 +4,8 @@ SoLA (arXiv 2603.11239) keeps every edit as its own frozen LoRA, so revoking or 
 edit is one journal line and never rewrites an artifact. A store directory holds::
 
     store.json               {"format": "sola-vllm-store", "version": 1, [pinned fingerprints]}
-    journal.jsonl            one JSON object per line: add / revoke / restore, each with a crc
+    journal.jsonl            one JSON object per line: add and the lifecycle's transitions
+                             (stage / canary / promote / revoke / restore), each with a crc
     edits/<id>.safetensors   immutable artifacts (`Edit.to_bytes()`)
     .lock                    flock target that serialises writers (readers take no lock)
 
@@ -41,13 +42,23 @@ from .fsutil import (
     _truncate,
     _write_or_fail,
 )
+from .journal import (
+    INITIAL_STATES,
+    _encode,
+    _entry,
+    _Journal,
+    _parse_journal,
+    _Record,
+    _replay,
+    transition_problem,
+)
 from .journal import OPS as OPS  # re-exported: the journal's ops
-from .journal import _encode, _entry, _Journal, _parse_journal, _Record, _replay
-from .store_errors import StoreError, UnknownEditError, _check_id, _check_text
+from .journal import TRANSITIONS as TRANSITIONS  # re-exported: the lifecycle's table
+from .store_errors import StoreError, TransitionError, UnknownEditError, _check_id, _check_text
 from .store_export import _FINGERPRINTS, _Incoming, _read_export, _write_export
 from .store_export import EXPORT_FORMAT as EXPORT_FORMAT  # re-exported: the manifest's format
 
-__all__ = ["EditStore", "StoreError", "UnknownEditError"]
+__all__ = ["EditStore", "StoreError", "TransitionError", "UnknownEditError"]
 
 STORE_FORMAT = "sola-vllm-store"
 STORE_VERSION = 1
@@ -133,18 +144,29 @@ class EditStore:
         return entries
 
     # --- writing (under the lock) ---------------------------------------------------------------
-    def add(self, edit: Edit, author: str = "", note: str = "") -> None:
-        """Store a new edit as active. A duplicate id or a foreign fingerprint is refused.
+    def add(self, edit: Edit, author: str = "", note: str = "", state: str = "active") -> None:
+        """Store a new edit in `state` (staged, canary or active). A duplicate id or a foreign
+        fingerprint is refused.
 
         `author` / `note` describe this operation in the journal (`history()`, and `added_by` /
         `add_note` in `list()`); the artifact keeps the edit's own author / note unchanged.
         """
         _check_id(edit.id)
+        _check_initial(state)
         try:
             edit.validate()
         except EditFormatError as exc:
             raise StoreError(f"refusing to store edit {edit.id!r}: {exc}") from exc
-        self._add_all([_Incoming(edit, edit.to_bytes(), "active", author, note)])
+        self._add_all([_Incoming(edit, edit.to_bytes(), state, author, note)])
+
+    def transition(self, edit_id: str, op: str, author: str = "", note: str = "") -> str:
+        """Move an edit along the lifecycle (`journal.TRANSITIONS`): stage, canary, promote,
+        revoke or restore. -> the new state. A transition the edit's state does not allow
+        raises `TransitionError` naming the current state."""
+        if op not in TRANSITIONS:
+            raise StoreError(f"unknown lifecycle op {op!r}; expected one of {list(TRANSITIONS)}")
+        self._transition(edit_id, op, author, note)
+        return TRANSITIONS[op][1]
 
     def revoke(self, edit_id: str, author: str = "", note: str = "") -> None:
         self._transition(edit_id, "revoke", author, note)
@@ -185,14 +207,16 @@ class EditStore:
         _write_or_fail(out, blob, "cannot export")
         return out
 
-    def import_edit(self, path: str | os.PathLike, author: str = "", note: str = "") -> Edit:
-        """Validate an artifact file and add it as active, keeping its bytes unchanged."""
+    def import_edit(self, path: str | os.PathLike, author: str = "", note: str = "",
+                    state: str = "active") -> Edit:
+        """Validate an artifact file and add it in `state`, keeping its bytes unchanged."""
+        _check_initial(state)
         blob = _read_file(Path(path))
         try:
             edit = Edit.from_bytes(blob)
         except EditFormatError as exc:
             raise StoreError(f"{path} is not a valid edit artifact: {exc}") from exc
-        self._add_all([_Incoming(edit, blob, "active", author, note)])
+        self._add_all([_Incoming(edit, blob, state, author, note)])
         return edit
 
     def export_store(self, out_dir: str | os.PathLike) -> Path:
@@ -395,9 +419,9 @@ class EditStore:
         with self._writing():
             snap = self._snapshot()
             rec = self._record(snap, edit_id)
-            allowed = "active" if op == "revoke" else "revoked"
-            if rec.state != allowed:
-                raise StoreError(f"cannot {op} edit {edit_id!r}: it is already {rec.state}")
+            problem = transition_problem(op, edit_id, rec.state)
+            if problem:
+                raise TransitionError(problem, rec.state)
             self._commit(snap, [_entry(op, edit_id, author, note)])
 
     def _add_all(self, items: list[_Incoming]) -> None:
@@ -409,7 +433,8 @@ class EditStore:
             entries = []
             for item in items:
                 sha = hashlib.sha256(item.blob).hexdigest()
-                entries.append(_entry("add", item.edit.id, item.author, item.note, sha))
+                first = item.state if item.state in INITIAL_STATES else "active"
+                entries.append(_entry("add", item.edit.id, item.author, item.note, sha, first))
                 if item.state == "revoked":
                     entries.append(_entry("revoke", item.edit.id, item.author, "imported revoked"))
             self._write_new(snap, items, entries)
@@ -471,3 +496,8 @@ class EditStore:
             _append(self._journal_path, data)
         except OSError as exc:
             raise StoreError(f"cannot write to the journal {self._journal_path}: {exc}") from exc
+
+
+def _check_initial(state: object) -> None:
+    if state not in INITIAL_STATES:
+        raise StoreError(f"an edit is added as one of {INITIAL_STATES}, not {state!r}")

@@ -13,6 +13,14 @@ class StoreError(Exception):
     """A store operation failed; the message names the path, id or fingerprints involved."""
 
 
+class TransitionError(StoreError):
+    """The edit's lifecycle state does not allow this transition; `state` is the current one."""
+
+    def __init__(self, message: str, state: str):
+        super().__init__(message)
+        self.state = state
+
+
 class UnknownEditError(StoreError, KeyError):
     """No edit with this id was ever added to the store."""
 

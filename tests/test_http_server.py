@@ -295,7 +295,11 @@ def test_cli_push_list_and_revoke(server, rome, tmp_path, capsys):
         out = capsys.readouterr()
         return code, out.out, out.err
 
-    code, out, _ = cli("edit", "push", "--server", url, "--file", str(artifact), "--json")
+    # rome-cli has rome's prompt, so its key collides with rome's: only forced
+    code, _, err = cli("edit", "push", "--server", url, "--file", str(artifact))
+    assert code == 2 and "collides with routed edit(s) ['rome']" in err
+    code, out, _ = cli("edit", "push", "--server", url, "--file", str(artifact), "--force",
+                       "--json")
     assert code == 0 and json.loads(out)["edit"]["id"] == "rome-cli"
     code, out, _ = cli("edit", "list", "--server", url)
     assert code == 0 and "rome-cli" in out and "mars" in out

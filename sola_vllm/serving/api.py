@@ -4,28 +4,37 @@ Entry point `vllm.endpoint_plugins: sola_api`; vLLM loads it only when `VLLM_PLU
 (`sola-vllm serve` sets `VLLM_PLUGINS=sola,sola_api`). Routes:
 
     POST   /v1/sola/edits                 push an edit: the artifact's bytes (application/
-                                          octet-stream; `?author=&note=` for the journal), or
+                                          octet-stream; `?author=&note=` for the journal,
+                                          `?state=staged|canary|active`, `?force=true`), or
                                           JSON {"prompts": [...], "target": "...", "id"?,
-                                          "note"?, "author"?} trained here -> 201
+                                          "note"?, "author"?, "state"?, "force"?, "probes"?}
+                                          trained here -> 201, with the pre-flight "check"
+    POST   /v1/sola/edits/check           pre-flight check without adding: JSON {"prompts":
+                                          [...], "probes"?: [...], "id"?} -> the report
     GET    /v1/sola/edits                 every edit of the store, its serving state, stats
     GET    /v1/sola/edits/{id}            one edit, its journal history, its serving state
     DELETE /v1/sola/edits/{id}            revoke: the exact base model again for new requests
     POST   /v1/sola/edits/{id}/restore    route to a revoked edit again
+    POST   /v1/sola/edits/{id}/stage      stored, not routed
+    POST   /v1/sola/edits/{id}/canary     routed only for requests that opt in with
+                                          `"vllm_xargs": {"sola_canary": true}`
+    POST   /v1/sola/edits/{id}/promote    routed for every request (active)
     GET    /v1/sola/requests/{id}         which edit (if any) shaped a completion: `id` as
                                           the client saw it (cmpl-..., chatcmpl-...); see
                                           `lookup.py`
 
-With `X-Sola-Provenance: 1`, a non-streaming completion answers with `X-Sola-Edit: <edit id(s)>`
-or `X-Sola-Edit: -1` (`edit_header.py`). vLLM's `/metrics` also carries the sola_* series
-(hits per edit, routed vs not; `metrics.py`).
+Transitions take `?author=&note=` for the journal. With `X-Sola-Provenance: 1`, a non-streaming
+completion answers with `X-Sola-Edit: <edit id(s)>` or `X-Sola-Edit: -1` (`edit_header.py`).
+vLLM's `/metrics` also carries the sola_* series (hits per edit, routed vs not; `metrics.py`).
 
 Errors are JSON `{"error": {"message", "type", "code"}}`: 400 malformed JSON or invalid id,
-401 missing or wrong admin token, 404 unknown id, 409 duplicate id or already revoked /
-active, 413 body too large, 415 other
-content types, 422 invalid artifact (shapes, dtypes, NaN/Inf), an edit for another base model
-or layer set, rank or capacity exceeded, 503 a read-only store, 507 a full disk (nothing is
-changed then). The store (the source of truth) is written before a change is acknowledged;
-see `manager.EditManager`.
+401 missing or wrong admin token, 404 unknown id, 409 duplicate id, a transition the edit's
+state does not allow (the message names the state), or a key collision with a routed edit
+(type "edit_collision"; the error's "check" names the other edit, the distance and the
+prompts; `force` adds it anyway), 413 body too large, 415 other content types, 422 invalid
+artifact (shapes, dtypes, NaN/Inf), an edit for another base model or layer set, rank or
+capacity exceeded, 503 a read-only store, 507 a full disk (nothing is changed then). The store
+(the source of truth) is written before a change is acknowledged; see `manager.EditManager`.
 
 Every route under /v1/sola/ goes through `guard.SolaGuard`: with an admin token configured
 (`SOLA_ADMIN_TOKEN`) each request must carry it in `X-Sola-Admin-Token` (else 401); without
@@ -62,6 +71,8 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 
 from ..edit import Edit, EditFormatError
+from ..journal import INITIAL_STATES
+from ..preflight import parse_probe_prompts
 from . import guard
 from .access import AccessConfig
 from .audit import MAX_TAIL, AuditLog, audit_path
@@ -73,7 +84,8 @@ from .metrics import install_metrics
 
 logger = logging.getLogger("vllm.sola_vllm")  # under vLLM's logger: its handlers and format
 router = APIRouter()
-_JSON_FIELDS = {"prompts", "target", "id", "note", "author"}
+_JSON_FIELDS = {"prompts", "target", "id", "note", "author", "state", "force", "probes"}
+_CHECK_FIELDS = {"prompts", "probes", "id"}
 
 
 # --- responses ----------------------------------------------------------------------------------
@@ -94,8 +106,10 @@ def _json(content: Any, status: int = 200) -> Response:
 
 
 def _error(exc: RequestError) -> Response:
-    return _json({"error": {"message": exc.message, "type": exc.kind, "code": exc.status}},
-                 exc.status)
+    error = {"message": exc.message, "type": exc.kind, "code": exc.status}
+    if exc.detail is not None:
+        error["check"] = exc.detail
+    return _json({"error": error}, exc.status)
 
 
 async def _reply(work, status: int = 200) -> Response:
@@ -153,31 +167,75 @@ def _text(data: dict, name: str) -> str:
     return value
 
 
-def parse_train_request(body: bytes) -> dict:
-    """{"prompts": [str, ...] | str, "target": str, "id"?, "note"?, "author"?} -> kwargs."""
+def _json_object(body: bytes, fields: set[str]) -> dict:
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RequestError(400, "invalid_json", f"malformed JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise RequestError(422, "invalid_request", "the body must be a JSON object")
-    unknown = sorted(set(data) - _JSON_FIELDS)
+    unknown = sorted(set(data) - fields)
     if unknown:
         raise RequestError(422, "invalid_request", f"unknown field(s) {unknown}; expected "
-                           f"{sorted(_JSON_FIELDS)}")
+                           f"{sorted(fields)}")
+    return data
+
+
+def _prompts(data: dict) -> list[str]:
     prompts = data.get("prompts")
     prompts = [prompts] if isinstance(prompts, str) else prompts
     if not (isinstance(prompts, list) and prompts
             and all(isinstance(p, str) and p.strip() for p in prompts)):
         raise RequestError(422, "invalid_request", "'prompts' must be a non-empty list of "
                            "non-empty strings")
+    return prompts
+
+
+def _probes(data: dict) -> list[str] | None:
+    if data.get("probes") is None:
+        return None
+    try:
+        return parse_probe_prompts(data["probes"], "'probes'")
+    except ValueError as exc:
+        raise RequestError(422, "invalid_request", str(exc)) from None
+
+
+def add_options(state: object = None, force: object = None) -> dict:
+    """The initial state (default active) and `force`, from JSON or the query string."""
+    state = "active" if state is None else state
+    if state not in INITIAL_STATES:
+        raise RequestError(422, "invalid_request", f"'state' must be one of "
+                           f"{list(INITIAL_STATES)}, got {state!r}")
+    flags = {None: False, False: False, True: True, "": False, "false": False, "0": False,
+             "true": True, "1": True}
+    if not isinstance(force, bool | str | None) or force not in flags:
+        raise RequestError(422, "invalid_request", f"'force' must be true or false, got "
+                           f"{force!r}")
+    return {"state": state, "force": flags[force]}
+
+
+def parse_check_request(body: bytes) -> dict:
+    """{"prompts": [str, ...] | str, "probes"?: [str, ...], "id"?} -> `EditManager.check`."""
+    data = _json_object(body, _CHECK_FIELDS)
+    edit_id = data.get("id")
+    return {"prompts": _prompts(data), "probes": _probes(data),
+            "name": "new edit" if edit_id is None else checked_id(edit_id)}
+
+
+def parse_train_request(body: bytes) -> dict:
+    """{"prompts": [str, ...] | str, "target": str, "id"?, "note"?, "author"?, "state"?,
+    "force"?, "probes"?} -> kwargs (the last three under "add")."""
+    data = _json_object(body, _JSON_FIELDS)
+    prompts = _prompts(data)
     target = data.get("target")
     if not isinstance(target, str) or not target.strip():
         raise RequestError(422, "invalid_request", "'target' must be a non-empty string")
     edit_id = data.get("id")
     return {"prompts": prompts, "target": target,
             "edit_id": None if edit_id is None else checked_id(edit_id),
-            "author": _text(data, "author"), "note": _text(data, "note")}
+            "author": _text(data, "author"), "note": _text(data, "note"),
+            "add": {**add_options(data.get("state"), data.get("force")),
+                    "probes": _probes(data)}}
 
 
 # --- routes -------------------------------------------------------------------------------------
@@ -187,19 +245,32 @@ async def _push(request: Request) -> dict:
     kind = request.headers.get("content-type", "application/octet-stream").split(";")[0]
     if kind.strip().lower() in ("application/json", "text/json"):
         train = parse_train_request(body)
+        options = train.pop("add")
         edit = await manager.train(**train)
-        return await manager.add(edit, author=train["author"], note=train["note"])
+        return await manager.add(edit, author=train["author"], note=train["note"], **options)
     if kind.strip().lower() != "application/octet-stream":
         raise RequestError(415, "unsupported_media_type", f"Content-Type {kind!r}: send "
                            "application/octet-stream (an edit artifact) or application/json")
-    edit = parse_artifact(body)
     params = request.query_params
-    return await manager.add(edit, author=params.get("author", ""), note=params.get("note", ""))
+    options = add_options(params.get("state"), params.get("force"))
+    edit = parse_artifact(body)
+    return await manager.add(edit, author=params.get("author", ""), note=params.get("note", ""),
+                             **options)
 
 
 @router.post("/v1/sola/edits")
 async def push_edit(request: Request) -> Response:
     return await _reply(_push(request), status=201)
+
+
+@router.post("/v1/sola/edits/check")
+async def check_edit(request: Request) -> Response:
+    async def work() -> dict:
+        manager = _manager(request)
+        body = await read_body(request, manager.settings.max_body_bytes)
+        return await manager.check(**parse_check_request(body))
+
+    return await _reply(work())
 
 
 @router.get("/v1/sola/edits")
@@ -248,6 +319,17 @@ async def revoke_edit(edit_id: str, request: Request) -> Response:
 @router.post("/v1/sola/edits/{edit_id}/restore")
 async def restore_edit(edit_id: str, request: Request) -> Response:
     return await _set_state(edit_id, request, active=True)
+
+
+@router.post("/v1/sola/edits/{edit_id}/{op}")
+async def transition_edit(edit_id: str, op: str, request: Request) -> Response:
+    """stage / canary / promote (any other step name is a 404 naming the steps)."""
+    async def work() -> dict:
+        params = request.query_params
+        return await _manager(request).transition(edit_id, op, params.get("author", ""),
+                                                  params.get("note", ""))
+
+    return await _reply(work())
 
 
 @router.get("/v1/sola/requests/{request_id}")

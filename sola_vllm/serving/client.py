@@ -67,26 +67,53 @@ def _edit_path(edit_id: str) -> str:
 
 
 def push_artifact(server: str, blob: bytes, author: str = "", note: str = "",
+                  state: str = "active", force: bool = False,
                   token: str | None = None) -> dict:
     return request(server, "POST", "/v1/sola/edits", blob, "application/octet-stream",
-                   {"author": author, "note": note}, token=token)
+                   {"author": author, "note": note, "state": state,
+                    "force": "true" if force else ""}, token=token)
 
 
 def push_training(server: str, prompts: list[str], target: str, edit_id: str | None = None,
-                  author: str = "", note: str = "", token: str | None = None) -> dict:
-    data = {"prompts": prompts, "target": target, "author": author, "note": note}
+                  author: str = "", note: str = "", state: str = "active", force: bool = False,
+                  probes: list[str] | None = None, token: str | None = None) -> dict:
+    data = {"prompts": prompts, "target": target, "author": author, "note": note,
+            "state": state, "force": force}
     if edit_id is not None:
         data["id"] = edit_id
+    if probes:
+        data["probes"] = probes
     return request(server, "POST", "/v1/sola/edits", json.dumps(data).encode(),
                    "application/json", timeout=TRAIN_TIMEOUT, token=token)
 
 
+def check(server: str, prompts: list[str], probes: list[str] | None = None,
+          edit_id: str | None = None, token: str | None = None) -> dict:
+    """The server's pre-flight check of an edit with these prompts; nothing is added."""
+    data: dict = {"prompts": prompts}
+    if probes:
+        data["probes"] = probes
+    if edit_id is not None:
+        data["id"] = edit_id
+    return request(server, "POST", "/v1/sola/edits/check", json.dumps(data).encode(),
+                   "application/json", token=token)
+
+
+def transition(server: str, edit_id: str, op: str, author: str = "", note: str = "",
+               token: str | None = None) -> dict:
+    """A lifecycle step: revoke is DELETE /v1/sola/edits/{id}, the others POST .../{op}."""
+    query = {"author": author, "note": note}
+    if op == "revoke":
+        return request(server, "DELETE", _edit_path(edit_id), query=query, token=token)
+    return request(server, "POST", f"{_edit_path(edit_id)}/{op}", query=query, token=token)
+
+
 def revoke(server: str, edit_id: str, token: str | None = None) -> dict:
-    return request(server, "DELETE", _edit_path(edit_id), token=token)
+    return transition(server, edit_id, "revoke", token=token)
 
 
 def restore(server: str, edit_id: str, token: str | None = None) -> dict:
-    return request(server, "POST", _edit_path(edit_id) + "/restore", token=token)
+    return transition(server, edit_id, "restore", token=token)
 
 
 def list_edits(server: str, token: str | None = None) -> dict:

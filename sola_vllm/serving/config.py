@@ -30,6 +30,7 @@ class ServingConfig:
     max_keys: int = 4096  # routing keys, preallocated at start
     max_rank: int = 8
     request_log: int = 10000  # routing decisions kept for provenance lookups (oldest dropped)
+    canary_fraction: float = 0.0  # share of requests (by id hash) that see canary edits
 
     def __post_init__(self) -> None:
         self.layers, self.modules = tuple(self.layers), tuple(self.modules)
@@ -41,6 +42,8 @@ class ServingConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not self.threshold > 0:
             raise ValueError(f"threshold must be positive, got {self.threshold!r}")
+        if not 0.0 <= self.canary_fraction <= 1.0:
+            raise ValueError(f"canary_fraction must be in [0, 1], got {self.canary_fraction!r}")
 
     @classmethod
     def from_shape(cls, shape: EditShape, model_type: str, model_fingerprint: str,

@@ -2,9 +2,12 @@
 
 Every change is committed to the store before it is acknowledged and is never left half done:
 
-* add: validate -> capture the prompts' keys in the engine -> load the edit inactive (RPC) ->
-  `store.add` (on failure: unload it again) -> activate it (RPC);
-* revoke / restore: the store first, then the RPC (on failure: the store change is undone).
+* add: validate -> capture the prompts' keys in the engine -> load the edit unrouted (RPC) ->
+  pre-flight check (RPC: its keys against the routed edits', probes; a collision refuses it
+  unless forced) -> `store.add` in its initial state (on failure: unload it again) -> route it
+  as that state says (RPC);
+* lifecycle transitions (stage / canary / promote / revoke / restore): the store first, then
+  the RPC (on failure: the store change is undone by the inverse transition).
 
 Changes are serialized by one asyncio lock; store I/O and training run in threads, so the
 engine keeps serving completions meanwhile. Failures raise `RequestError`, which carries the
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import json
 import logging
 import os
@@ -25,7 +29,9 @@ from typing import Any
 
 from ..config import SolaConfig
 from ..edit import Edit, mismatch, validate_id
-from ..store import EditStore, StoreError, UnknownEditError
+from ..journal import TRANSITIONS, inverse_op, transition_problem
+from ..preflight import collision_message
+from ..store import EditStore, StoreError, TransitionError, UnknownEditError
 from .config import ServingConfig
 
 logger = logging.getLogger("vllm.sola_vllm")  # under vLLM's logger: its handlers and format
@@ -41,9 +47,10 @@ _LOAD_CHUNK = 32  # edits whose keys are captured concurrently at start-up
 class RequestError(Exception):
     """A refused request: HTTP status, error type and a message naming the problem."""
 
-    def __init__(self, status: int, kind: str, message: str):
+    def __init__(self, status: int, kind: str, message: str, detail: dict | None = None):
         super().__init__(message)
         self.status, self.kind, self.message = status, kind, message
+        self.detail = detail  # a JSON report sent with the error (the pre-flight check)
 
 
 @dataclass(slots=True)
@@ -132,6 +139,8 @@ def _store_error(exc: StoreError) -> RequestError:
         return disk
     if isinstance(exc, UnknownEditError):
         return RequestError(404, "not_found", message)
+    if isinstance(exc, TransitionError):
+        return RequestError(409, "conflict", message)
     if "already" in message:
         return RequestError(409, "conflict", message)
     if "does not fit" in message:
@@ -236,14 +245,15 @@ class EditManager:
         loaded = await self.in_store(self.store.load)
         for problem in loaded.problems:
             logger.warning("sola-vllm: edit store problem: %s", problem)
-        # revoked edits stay in the store only: they would hold capacity, and a restore loads
-        # them on demand
-        active = [e for e in loaded.edits if e.state == "active"]
+        # staged and revoked edits stay in the store only: they would hold capacity, and a
+        # transition that routes them loads them on demand
+        routed = [e for e in loaded.edits if e.state in ("active", "canary")]
         done = 0
-        for start in range(0, len(active), _LOAD_CHUNK):
-            done += await self._load_chunk(active[start:start + _LOAD_CHUNK])
-        logger.info("sola-vllm: serving %d of %d active edits from %s (%d revoked)", done,
-                    len(active), self.store.path, len(loaded.edits) - len(active))
+        for start in range(0, len(routed), _LOAD_CHUNK):
+            done += await self._load_chunk(routed[start:start + _LOAD_CHUNK])
+        logger.info("sola-vllm: serving %d of %d routed edits from %s (%d canary; %d staged or "
+                    "revoked)", done, len(routed), self.store.path,
+                    sum(e.state == "canary" for e in routed), len(loaded.edits) - len(routed))
 
     async def _load_chunk(self, edits: list[Edit]) -> int:
         """Keys of the whole chunk are captured concurrently; edits are loaded in store order
@@ -259,36 +269,68 @@ class EditManager:
                 if isinstance(ids, BaseException):
                     raise ids
                 await self._add_captured(edit, ids, active=edit.state == "active")
+                if edit.state == "canary":
+                    await self.rpc("sola_set_state", edit.id, "canary")
                 done += 1
             except RequestError as exc:
                 logger.warning("sola-vllm: edit %s is not served: %s", edit.id, exc.message)
         return done
 
     # --- changes --------------------------------------------------------------------------------
-    async def add(self, edit: Edit, author: str = "", note: str = "") -> dict:
+    async def add(self, edit: Edit, author: str = "", note: str = "", state: str = "active",
+                  force: bool = False, probes: list[str] | None = None) -> dict:
         check_fits(edit, self.serving)
         # shielded: a client that disconnects must not interrupt a change halfway
-        return await asyncio.shield(self._add(edit, author, note))
+        return await asyncio.shield(self._add(edit, author, note, state, force, probes))
 
-    async def _add(self, edit: Edit, author: str, note: str) -> dict:
+    async def _add(self, edit: Edit, author: str, note: str, state: str, force: bool,
+                   probes: list[str] | None) -> dict:
         async with self.lock:
             if await self.exists(edit.id):
                 raise RequestError(409, "conflict", f"edit {edit.id} already exists (edits are "
                                    "immutable: push it under a new id)")
             serving = await self.load(edit, active=False)
             try:
-                await self.in_store(self.store.add, edit, author=author, note=note)
+                check = await self._preflight(edit.id, probes)
+                if check["collisions"] and not force:
+                    raise RequestError(409, "edit_collision", collision_message(check), check)
+                await self.in_store(self.store.add, edit, author=author, note=note, state=state)
             except BaseException:
                 await self._unload(edit.id)
                 raise
-            try:
-                serving = {**serving, **await self.rpc("sola_set_active", edit.id, True)}
-            except RequestError as exc:
-                await self._undo(self.store.revoke, edit.id, "activation failed")
-                raise RequestError(500, "engine_error", f"edit {edit.id} was stored but the "
-                                   f"engine failed to activate it ({exc.message}); it is now "
-                                   "revoked") from exc
-        return {"edit": edit.summary(), "serving": serving_view(serving)}
+            serving = {**serving, **await self._route_new(edit.id, state)}
+        return {"edit": {**edit.summary(), "state": state}, "serving": serving_view(serving),
+                "check": check}
+
+    async def _route_new(self, edit_id: str, state: str) -> dict:
+        try:
+            return await self.rpc("sola_set_state", edit_id, state)
+        except RequestError as exc:
+            await self._undo(self.store.revoke, edit_id, "activation failed")
+            raise RequestError(500, "engine_error", f"edit {edit_id} was stored but the engine "
+                               f"failed to route it ({exc.message}); it is now revoked") from exc
+
+    async def _preflight(self, edit_id: str, probes: list[str] | None) -> dict:
+        """The pre-flight report of a loaded, unrouted edit; the probes' keys are captured."""
+        probe_ids = await self._capture(probes) if probes else []
+        try:
+            return await self.rpc("sola_preflight", edit_id, probes or [], probe_ids)
+        finally:
+            if probe_ids:
+                await self._drop(probe_ids)
+
+    async def check(self, prompts: list[str], probes: list[str] | None = None,
+                    name: str = "new edit") -> dict:
+        """The pre-flight report of an edit with these prompts, which is not added: its keys
+        and the probes' are captured in the engine, as an add would."""
+        ids = await self._capture(prompts)
+        probe_ids: list[str] = []
+        try:
+            probe_ids = await self._capture(probes) if probes else []
+            return await self.rpc("sola_check_captured", name, prompts, ids, probes or [],
+                                  probe_ids)
+        finally:
+            await self._drop(ids + probe_ids)
 
     async def _unload(self, edit_id: str) -> None:
         try:
@@ -298,34 +340,44 @@ class EditManager:
 
     async def set_state(self, edit_id: str, active: bool, author: str = "",
                         note: str = "") -> dict:
-        edit_id = checked_id(edit_id)
-        return await asyncio.shield(self._set_state(edit_id, active, author, note))
+        return await self.transition(edit_id, "restore" if active else "revoke", author, note)
 
-    async def _set_state(self, edit_id: str, active: bool, author: str, note: str) -> dict:
+    async def transition(self, edit_id: str, op: str, author: str = "", note: str = "") -> dict:
+        """One lifecycle step (`journal.TRANSITIONS`), journaled with author and note."""
+        edit_id = checked_id(edit_id)
+        if op not in TRANSITIONS:
+            raise RequestError(404, "not_found", f"no lifecycle step {op!r}; expected one of "
+                               f"{list(TRANSITIONS)}")
+        return await asyncio.shield(self._transition(edit_id, op, author, note))
+
+    async def _transition(self, edit_id: str, op: str, author: str, note: str) -> dict:
+        target = TRANSITIONS[op][1]
+        routed = target in ("active", "canary")
         async with self.lock:
             if not self._has_store():
                 raise RequestError(404, "not_found", f"no edit {edit_id!r} in the store")
-            if active:
+            previous = (await self.in_store(self.store.get, edit_id)).state
+            problem = transition_problem(op, edit_id, previous)
+            if problem:  # before anything is loaded
+                raise RequestError(409, "conflict", problem)
+            if routed:
                 await self._ensure_loaded(edit_id)
-            change, undo = ((self.store.restore, self.store.revoke) if active
-                            else (self.store.revoke, self.store.restore))
-            await self.in_store(change, edit_id, author=author, note=note)
+            await self.in_store(self.store.transition, edit_id, op, author=author, note=note)
             try:
-                await self.rpc("sola_set_active", edit_id, active)
+                await self.rpc("sola_set_state", edit_id, target)
             except RequestError as exc:
-                if active or exc.status != 404:  # revoking an edit not loaded: nothing routes
+                if routed or exc.status != 404:  # unrouting an edit not loaded: nothing routes
+                    undo = functools.partial(self.store.transition, op=inverse_op(op, previous))
                     await self._undo(undo, edit_id, "engine refused the change")
                     raise
         return await self.describe(edit_id)
 
     async def _ensure_loaded(self, edit_id: str) -> None:
-        """Restore needs the edit in the engine (it may have failed to load at start-up)."""
+        """Routing an edit needs it in the engine (staged and revoked edits are not loaded at
+        start-up, and it may have failed to load)."""
         if edit_id in await self.loaded():
             return
         edit = await self.in_store(self.store.get, edit_id)
-        if edit.state == "active":
-            raise RequestError(409, "conflict", f"cannot restore edit {edit_id!r}: it is "
-                               "already active")
         check_fits(edit, self.serving)
         await self.load(edit, active=False)
 

@@ -30,13 +30,22 @@ def build_step(runner, scheduler_output, num_scheduled_tokens: np.ndarray) -> St
     # the positions vLLM itself computed in _prepare_inputs
     pos = batch.num_computed_tokens_cpu[rows] + runner.query_pos.np[:total]
     req_ids = list(batch.req_ids[:num_reqs])
-    captures = []
+    captures, canary = [], []
     for req_id in req_ids:
         params = getattr(runner.requests.get(req_id), "sampling_params", None)
         extra = getattr(params, "extra_args", None) or {}
         captures.append(extra.get("sola_capture"))
+        canary.append(opts_in_to_canary(extra.get("sola_canary")))
     prompt_len = np.asarray(batch.num_prompt_tokens[:num_reqs], dtype=np.int64)
-    return StepMeta(total, rows, pos.astype(np.int64), prompt_len, req_ids, captures)
+    return StepMeta(total, rows, pos.astype(np.int64), prompt_len, req_ids, captures, canary)
+
+
+def opts_in_to_canary(value: object) -> bool:
+    """`sola_canary` from a request's `vllm_xargs`: true, 1 or "true" / "1" / "yes" opt in.
+    vLLM types xargs values as str | int | float, so a JSON true may arrive as 1."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes")
+    return value is True or (isinstance(value, int | float) and value == 1)
 
 
 def apply_runner_hooks() -> None:

@@ -6,20 +6,27 @@ slot while it is active; revoking it clears the keys' owners, so no new request 
 while requests already routed keep their edit until they finish (decision 3: a response is
 either wholly edited or wholly base). Routes are decided once per request at its key token and
 kept by request id until the request finishes, so they survive preemption and recompute.
+
+Lifecycle: an active edit routes for every request, a canary edit only for requests that opt
+in (`"vllm_xargs": {"sola_canary": true}`, or a request id in the configured canary fraction);
+staged and revoked edits route for none. A request that does not opt in routes exactly as if
+the canary edits were not there.
 """
 
 from __future__ import annotations
 
 import heapq
+import zlib
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from sola_vllm.kernels.nearest_key import nearest_key_ref, unit_rows
 
-from ..edit import Edit, mismatch
+from ..edit import STATES, Edit, mismatch
+from ..preflight import KeyGroup, check
 from .config import ServingConfig
 from .lora_stacks import LoraStacks, RoutedTokens
 from .provenance import RequestLog
@@ -42,6 +49,7 @@ class StepMeta:
     row_prompt_len: np.ndarray  # [n] int64: original prompt length per row
     req_ids: list[str]  # [n]
     captures: list[str | None]  # [n]: key-capture id of capture requests
+    canary: list[bool] = field(default_factory=list)  # [n]: the request opts in to canaries
 
 
 @dataclass
@@ -60,8 +68,16 @@ class _SlotInfo:
     key_rows: list[int]
     rank: int
     scale: float
-    active: bool
+    state: str  # the lifecycle state it routes by: active, canary, or staged / revoked (none)
     summary: dict
+
+    @property
+    def routed(self) -> bool:
+        return self.state in ("active", "canary")
+
+    @property
+    def active(self) -> bool:  # routed for every request
+        return self.state == "active"
 
 
 class SolaRuntime:
@@ -74,6 +90,8 @@ class SolaRuntime:
         # vLLM builds models under the model dtype as torch's default: name fp32 explicitly
         self.keys = torch.zeros(config.max_keys, hidden_size, dtype=torch.float32)
         self.key_owner = torch.full((config.max_keys,), -1, dtype=torch.int32)
+        # per slot: a canary edit, routed only for requests that opt in
+        self.slot_canary = torch.zeros(config.max_edits, dtype=torch.bool)
         self.tok_slot = torch.full((max_num_tokens,), -1, dtype=torch.int32)
         self.edits: dict[str, _SlotInfo] = {}
         self.slot_edit: list[str | None] = [None] * config.max_edits
@@ -88,7 +106,7 @@ class SolaRuntime:
         self.recomputed_keys = 0  # key tokens seen again (preemption + recompute): route kept
         self.step: StepMeta | None = None
         self._routed = RoutedTokens.from_slots(self.tok_slot[:0])  # this forward's routed tokens
-        self._active: tuple | None = None  # see active_keys
+        self._key_tables: dict[bool, tuple] = {}  # opted in -> see routed_keys
 
     # --- edits ----------------------------------------------------------------------------------
     def check_edit(self, edit: Edit, keys: torch.Tensor) -> None:
@@ -131,7 +149,8 @@ class SolaRuntime:
         self.hits[slot] = 0
         self.request_log.loaded(edit.id)
         summary = {k: v for k, v in edit.summary().items() if k != "train_info"}
-        self.edits[edit.id] = _SlotInfo(slot, rows, edit.rank, float(edit.scale), False, summary)
+        self.edits[edit.id] = _SlotInfo(slot, rows, edit.rank, float(edit.scale), "revoked",
+                                        summary)
         if active:
             self.set_active(edit.id, True)
         return self.describe(edit.id)
@@ -157,11 +176,17 @@ class SolaRuntime:
         return [self.add_edit(e, k, active) for e, k in zip(edits, keys, strict=True)]
 
     def set_active(self, edit_id: str, active: bool) -> dict:
+        return self.set_state(edit_id, "active" if active else "revoked")
+
+    def set_state(self, edit_id: str, state: str) -> dict:
+        """Route a loaded edit as its lifecycle state says (see the module docstring)."""
         info = self._info(edit_id)
-        owner = info.slot if active else -1
-        self.key_owner[info.key_rows] = owner
-        info.active = active
-        self._active = None
+        if state not in STATES:
+            raise ValueError(f"edit state {state!r} is not one of {STATES}")
+        info.state = state
+        self.key_owner[info.key_rows] = info.slot if info.routed else -1
+        self.slot_canary[info.slot] = state == "canary"
+        self._key_tables = {}
         return self.describe(edit_id)
 
     def remove_edit(self, edit_id: str) -> None:
@@ -177,15 +202,17 @@ class SolaRuntime:
 
     def describe(self, edit_id: str) -> dict:
         info = self._info(edit_id)
-        return {**info.summary, "state": "active" if info.active else "revoked",
+        return {**info.summary, "state": info.state,
                 "slot": info.slot, "hits": int(self.hits[info.slot])}
 
     def state_counts(self) -> dict[str, int]:
         """Loaded edits by state. Allocates nothing per edit: it runs every second (metrics)
         and, with thousands of edits, per-edit objects cost the engine loop garbage
         collections (a list of per-edit dicts took ~140 ms at 10,000 edits)."""
-        active = sum(info.active for info in self.edits.values())
-        return {"active": active, "revoked": len(self.edits) - active}
+        counts = dict.fromkeys(STATES, 0)
+        for info in self.edits.values():
+            counts[info.state] += 1
+        return counts
 
     def list_edits(self) -> list[dict]:
         return [self.describe(edit_id) for edit_id in self.edits]
@@ -205,14 +232,46 @@ class SolaRuntime:
         return self.edits[edit_id]
 
     def active_keys(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(keys [N, d], owners [N], unit keys for cosine or None) of the routed keys, rebuilt
-        only after a change: a step with key tokens then only normalizes its queries."""
-        if self._active is None:
-            rows = (self.key_owner >= 0).nonzero().squeeze(1)
+        """The keys every request routes among (active edits); see `routed_keys`."""
+        return self.routed_keys(opted_in=False)
+
+    def routed_keys(self, opted_in: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(keys [N, d], owner slots [N], unit keys for cosine or None) a request routes among:
+        active edits' keys, plus canary edits' when it opts in. Rebuilt only after a change:
+        a step with key tokens then only normalizes its queries."""
+        if opted_in not in self._key_tables:
+            owned = self.key_owner >= 0
+            if not opted_in:
+                owned &= ~self.slot_canary[self.key_owner.clamp_min(0).long()]
+            rows = owned.nonzero().squeeze(1)
             keys = self.keys[rows].contiguous()
             units = unit_rows(keys) if self.config.metric == "cosine" else None
-            self._active = (keys, self.key_owner[rows].contiguous(), units)
-        return self._active
+            self._key_tables[opted_in] = (keys, self.key_owner[rows].contiguous(), units)
+        return self._key_tables[opted_in]
+
+    def opts_in(self, req_id: str, flag: bool) -> bool:
+        """A request sees canary edits when it asks to, or when its id hashes into the
+        configured canary fraction (deterministic: the same id, the same answer)."""
+        fraction = self.config.canary_fraction
+        return flag or (fraction > 0 and zlib.crc32(req_id.encode()) / 2**32 < fraction)
+
+    # --- pre-flight check -------------------------------------------------------------------
+    def key_groups(self) -> list[KeyGroup]:
+        """The routed edits' keys (active and canary), as this engine captured them."""
+        return [KeyGroup(edit_id, info.state, self.keys[info.key_rows].clone(),
+                         list(info.summary.get("prompts", [])))
+                for edit_id, info in self.edits.items() if info.routed]
+
+    def preflight(self, new: KeyGroup, probes: list[str],
+                  probe_keys: torch.Tensor | None) -> dict:
+        """The pre-flight report of `new` against the routed edits (see `preflight`)."""
+        return check(new, self.key_groups(), self.config.threshold, self.config.metric,
+                     probes or None, probe_keys)
+
+    def loaded_group(self, edit_id: str) -> KeyGroup:
+        info = self._info(edit_id)
+        return KeyGroup(edit_id, info.state, self.keys[info.key_rows].clone(),
+                        list(info.summary.get("prompts", [])))
 
     def expect_captures(self, capture_ids: list[str]) -> None:
         """Only announced capture ids record keys: a request carrying any other
@@ -276,9 +335,18 @@ class SolaRuntime:
                 self.captures[capture_id] = hidden[t].float().clone()
                 self.routes[step.req_ids[row]] = -1
         todo = [int(t) for t in is_key if step.req_ids[int(rows[t])] not in self.routes]
-        if not todo:
-            return
-        keys, owners, units = self.active_keys()
+        opted = [self.opts_in(step.req_ids[int(rows[t])],
+                              bool(step.canary[int(rows[t])]) if step.canary else False)
+                 for t in todo]
+        for opted_in in (False, True):  # each request routes among the keys it may see
+            group = [t for t, o in zip(todo, opted, strict=True) if o == opted_in]
+            if group:
+                self._route_tokens(hidden, group, rows, opted_in)
+
+    def _route_tokens(self, hidden: torch.Tensor, todo: list[int], rows: np.ndarray,
+                      opted_in: bool) -> None:
+        step = self.step
+        keys, owners, units = self.routed_keys(opted_in)
         queries = hidden[todo].float()  # [n_key, d]
         slots, dists, _ = nearest_key_ref(queries, keys, owners, self.config.threshold,
                                           self.config.metric, key_units=units)

@@ -120,7 +120,8 @@ def prepare(args, extra: list[str]) -> tuple[list[str], dict]:
     config = config_for_store(load_config(args.config), store)
     serving = serving_config(model_path, config, max_edits=args.max_edits,
                              max_keys=args.max_keys, max_rank=args.max_rank,
-                             request_log=args.request_log)
+                             request_log=args.request_log,
+                             canary_fraction=getattr(args, "canary_fraction", 0.0))
     check_store(store, serving)
     kwargs = engine_kwargs(model_path, serving)
     env = build_env(store.path, model_path, config, cpu=not torch.cuda.is_available())

@@ -71,6 +71,30 @@ class SolaWorkerExtension:
         return self._sola().set_active(str(edit_id), bool(active))
 
     @_result
+    def sola_set_state(self, edit_id: str, state: str) -> dict:
+        """Route a loaded edit by its lifecycle state (active, canary, staged, revoked)."""
+        return self._sola().set_state(str(edit_id), str(state))
+
+    @_result
+    def sola_preflight(self, edit_id: str, probes: list, probe_capture_ids: list) -> dict:
+        """The pre-flight report of a loaded (not yet routed) edit, its probes' keys captured."""
+        runtime = self._sola()
+        probe_keys = runtime.take_captures(list(probe_capture_ids)) if probe_capture_ids else None
+        return runtime.preflight(runtime.loaded_group(str(edit_id)), list(probes), probe_keys)
+
+    @_result
+    def sola_check_captured(self, name: str, prompts: list, capture_ids: list, probes: list,
+                            probe_capture_ids: list) -> dict:
+        """The pre-flight report of an edit that is not loaded: its prompts' keys captured."""
+        from ..preflight import KeyGroup
+
+        runtime = self._sola()
+        keys = runtime.take_captures(list(capture_ids))
+        probe_keys = runtime.take_captures(list(probe_capture_ids)) if probe_capture_ids else None
+        return runtime.preflight(KeyGroup(str(name), "new", keys, list(prompts)), list(probes),
+                                 probe_keys)
+
+    @_result
     def sola_remove_edit(self, edit_id: str) -> None:
         self._sola().remove_edit(str(edit_id))
 

@@ -1,0 +1,153 @@
+"""Pre-flight check of a new edit: key collisions with the routed edits, and a locality probe.
+
+Two edits whose keys lie within the routing threshold of each other fight over the same
+requests (the nearer key wins, request by request), so a new edit whose key is within the
+threshold of a routed edit's key is refused unless forced; the report names the other edit,
+the distance and both prompts. The locality probe routes a set of prompts (a file of unrelated
+prompts, say) as if the new edit were routed beside the others and lists the ones it would
+take. Distances are the router's own (`pairwise_distance_ref` / `nearest_key_ref`), and a key
+counts as within the threshold under the router's strict rule, distance < threshold.
+
+The functions here take tensors: the reference engine (offline) and the serving runtime (in
+the vLLM worker, with keys from the engine's own capture) both call them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sola_vllm.kernels.nearest_key import nearest_key_ref, pairwise_distance_ref
+
+__all__ = ["KeyGroup", "check", "check_with_engine", "collision_message", "find_collisions",
+           "load_probe_prompts", "parse_probe_prompts", "probe_routes", "report"]
+
+
+@dataclass(frozen=True)
+class KeyGroup:
+    """One edit's routing keys: fp32 [n, d], key i captured from prompts[i]."""
+
+    edit_id: str
+    state: str
+    keys: torch.Tensor
+    prompts: list[str]
+
+    def prompt(self, index: int) -> str:
+        return self.prompts[index] if index < len(self.prompts) else f"key {index}"
+
+
+def find_collisions(new: KeyGroup, others: list[KeyGroup], threshold: float,
+                    metric: str) -> list[dict]:
+    """Semantics: for every other edit e and new key i, d = min_j dist(new.keys[i], e.keys[j]);
+    reported when d < threshold. -> [{"edit", "state", "distance", "prompt", "other_prompt"}],
+    nearest first."""
+    found = []
+    for other in others:
+        if other.edit_id == new.edit_id or other.keys.shape[0] == 0:
+            continue
+        best, index = pairwise_distance_ref(new.keys, other.keys, metric).min(dim=1)  # [n]
+        for i in (best < threshold).nonzero().flatten().tolist():
+            found.append({"edit": other.edit_id, "state": other.state,
+                          "distance": float(best[i]), "prompt": new.prompt(i),
+                          "other_prompt": other.prompt(int(index[i]))})
+    return sorted(found, key=lambda c: c["distance"])
+
+
+def probe_routes(new: KeyGroup, routed: list[KeyGroup], queries: torch.Tensor,
+                 prompts: list[str], threshold: float, metric: str) -> list[dict]:
+    """Route each probe query ([P, d]) among the routed edits' keys plus the new edit's (all
+    of them, canary ones included: the widest view). -> per probe {"prompt", "route" (edit id
+    or None), "distance" (to its nearest key), "distance_to_new"}."""
+    groups = [g for g in routed if g.edit_id != new.edit_id and g.keys.shape[0]] + [new]
+    keys = torch.cat([g.keys.float() for g in groups])
+    owners = torch.cat([torch.full((g.keys.shape[0],), slot, dtype=torch.int32)
+                        for slot, g in enumerate(groups)])
+    slots, dists, _ = nearest_key_ref(queries.float(), keys, owners, threshold, metric)
+    to_new = pairwise_distance_ref(queries, new.keys, metric).min(dim=1).values
+    return [{"prompt": p, "route": groups[s].edit_id if s >= 0 else None, "distance": float(d),
+             "distance_to_new": float(n)}
+            for p, s, d, n in zip(prompts, slots.tolist(), dists.tolist(), to_new.tolist(),
+                                  strict=True)]
+
+
+def report(new: KeyGroup, collisions: list[dict], probes: list[dict] | None, threshold: float,
+           metric: str) -> dict:
+    """The check's JSON report; `ok` is False when a collision would refuse the add."""
+    return {"edit": new.edit_id, "ok": not collisions, "threshold": threshold, "metric": metric,
+            "collisions": collisions, "probes": probes,
+            "routes_to_new": None if probes is None else
+            [p["prompt"] for p in probes if p["route"] == new.edit_id]}
+
+
+def collision_message(check: dict) -> str:
+    """One line naming the nearest other edit, for a refusal."""
+    first = check["collisions"][0]
+    others = sorted({c["edit"] for c in check["collisions"]})
+    return (f"edit {check['edit']} collides with routed edit(s) {others}: its prompt "
+            f"{first['prompt']!r} is at {check['metric']} distance {first['distance']:.4g} of "
+            f"edit {first['edit']}'s prompt {first['other_prompt']!r}, under the threshold "
+            f"{check['threshold']:.4g}; use force to add it anyway")
+
+
+def parse_probe_prompts(data: object, where: str) -> list[str]:
+    """A JSON list of non-empty prompt strings (at least one), or ValueError naming `where`."""
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{where}: probes must be a non-empty list of prompts")
+    for i, prompt in enumerate(data):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{where}[{i}]: a probe must be a non-empty string, got {prompt!r}")
+    return list(data)
+
+
+def load_probe_prompts(path: str | Path) -> list[str]:
+    """A probe file: a JSON list of prompts, or one prompt per non-blank line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the probe file {path}: {exc}") from exc
+    if text.lstrip().startswith("["):
+        try:
+            return parse_probe_prompts(json.loads(text), str(path))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: bad JSON: {exc}") from exc
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"the probe file {path} holds no prompts")
+    return lines
+
+
+# --- with the reference engine (offline) --------------------------------------------------------
+PROBE_BATCH = 32
+
+
+def routed_groups(engine) -> list[KeyGroup]:
+    """The key groups of a `RoutedEngine`'s routed edits (active and canary), in load order."""
+    return [KeyGroup(e.id, "active" if e.id in engine.active else "canary", e.keys.float(),
+                     e.prompts)
+            for e in engine.edits.values() if e.id in engine.active or e.id in engine.canary]
+
+
+def check_with_engine(engine, new: KeyGroup, probes: list[str] | None = None) -> dict:
+    """The pre-flight report of `new` against the engine's routed edits, with its router's
+    metric and threshold; `probes` are routed with the engine's own key queries."""
+    queries = None
+    if probes:
+        queries = torch.cat([engine.key_queries(probes[i:i + PROBE_BATCH])
+                             for i in range(0, len(probes), PROBE_BATCH)])
+    return check(new, routed_groups(engine), engine.router.threshold, engine.router.metric,
+                 probes, queries)
+
+
+def check(new: KeyGroup, routed: list[KeyGroup], threshold: float, metric: str,
+          probes: list[str] | None = None, queries: torch.Tensor | None = None) -> dict:
+    """Collisions of `new` with the `routed` edits and, given probe prompts and their key
+    queries ([P, d]), the probes' routes: the whole report."""
+    collisions = find_collisions(new, routed, threshold, metric)
+    rows = None
+    if probes:
+        rows = probe_routes(new, routed, queries, probes, threshold, metric)
+    return report(new, collisions, rows, threshold, metric)
