@@ -149,7 +149,8 @@ def test_cli_sends_the_token(server, rome, tmp_path, capsys, monkeypatch):
     code, _, err = cli("edit", "list", "--server", url)
     assert code == 2 and "X-Sola-Admin-Token" in err and "401" in err
     code, out, _ = cli("edit", "push", "--server", url, "--file", str(artifact),
-                       "--admin-token", TOKEN, "--author", "cli-user")
+                       "--admin-token", TOKEN, "--author", "cli-user",
+                       "--force")  # rome's own prompt: a collision, pushed anyway
     assert code == 0 and "rome2" in out
     monkeypatch.setenv("SOLA_ADMIN_TOKEN", TOKEN)
     code, out, _ = cli("edit", "revoke", "--server", url, "rome2")
@@ -296,7 +297,9 @@ def test_read_only_store_clear_error_nothing_half_applied(server, rome):
     try:
         before = snapshot(store)
         blob = replace(Edit.from_bytes(rome), id="rome3").to_bytes()
-        status, reply = api(url, "POST", "/v1/sola/edits", blob, "application/octet-stream")
+        # forced past the collision with rome (same prompt), so the store write is what fails
+        status, reply = api(url, "POST", "/v1/sola/edits?force=true", blob,
+                            "application/octet-stream")
         assert status == 503 and reply["error"]["type"] == "store_read_only", reply
         assert "nothing was changed" in reply["error"]["message"]
         status, reply = api(url, "DELETE", "/v1/sola/edits/rome")
