@@ -197,6 +197,7 @@ def main() -> int:
         for i, load in enumerate(args.loads):
             latency_at(server, load, edits[i * args.changes:(i + 1) * args.changes],
                        unrelated, results)
+            write_json(args.out, results)
         memory(server, serving, edits[len(args.loads) * args.changes:], ready_rss, work,
                results)
     finally:

@@ -136,7 +136,10 @@ def load(server: Server, prompts: list[str], max_tokens: int, concurrency: int) 
 
 # --- edits ---------------------------------------------------------------------------------------
 def push(server: Server, blob: bytes) -> float:
-    req = urllib.request.Request(server.url + "/v1/sola/edits", data=blob, method="POST",
+    """Synthetic edits are forced past the pre-flight collision check: the filler prompts are
+    near each other on purpose, and zsRE holds questions about the same subject."""
+    req = urllib.request.Request(server.url + "/v1/sola/edits?force=true", data=blob,
+                                 method="POST",
                                  headers={"Content-Type": "application/octet-stream"})
     started = time.perf_counter()
     with urllib.request.urlopen(req, timeout=600) as resp:

@@ -29,6 +29,8 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from serving_workload import (  # noqa: E402
@@ -75,20 +77,31 @@ def measure(llm, prompts: list[str], max_tokens: int, lora_requests=None) -> dic
             "tpot_s": percentiles(tpot)}
 
 
-def paired(name: str, run_config, run_plain, results: dict, extra: dict | None = None) -> None:
-    """Measure a configuration, then plain vLLM; store both and their ratios."""
-    got = run_config()
-    base = run_plain()
-    got["plain"] = base
-    got["ratio_tokens_per_s"] = got["tokens_per_s"] / base["tokens_per_s"]
-    got["ratio_tpot_p50"] = got["tpot_s"]["p50"] / base["tpot_s"]["p50"]
-    got["ratio_ttft_p50"] = got["ttft_s"]["p50"] / base["ttft_s"]["p50"]
+def paired(name: str, run_config, run_plain, results: dict, extra: dict | None = None,
+           repeats: int = 1) -> None:
+    """Measure a configuration, then plain vLLM, `repeats` times over; each ratio is taken
+    within a pair, and the median pair is reported (with every pair's ratio, for the spread)."""
+    pairs = [(run_config(), run_plain()) for _ in range(repeats)]
+    for got, base in pairs:
+        got["plain"] = base
+        got["ratio_tokens_per_s"] = got["tokens_per_s"] / base["tokens_per_s"]
+        got["ratio_tpot_p50"] = got["tpot_s"]["p50"] / base["tpot_s"]["p50"]
+        got["ratio_ttft_p50"] = got["ttft_s"]["p50"] / base["ttft_s"]["p50"]
+    pairs.sort(key=lambda pair: pair[0]["ratio_tokens_per_s"])
+    got, base = pairs[len(pairs) // 2]
+    if repeats > 1:
+        for key in ("ratio_tokens_per_s", "ratio_tpot_p50", "ratio_ttft_p50"):
+            got[key] = float(np.median([g[key] for g, _ in pairs]))
+        got["pair_ratios_tokens_per_s"] = [g["ratio_tokens_per_s"] for g, _ in pairs]
+        got["pair_ratios_tpot_p50"] = [g["ratio_tpot_p50"] for g, _ in pairs]
     got.update(extra or {})
     results[name] = got
+    spread = (f"  pairs {min(got['pair_ratios_tokens_per_s']):.3f}.."
+              f"{max(got['pair_ratios_tokens_per_s']):.3f}" if repeats > 1 else "")
     print(f"  {name:<34} {got['tokens_per_s']:7.1f} tok/s  x{got['ratio_tokens_per_s']:.3f}  "
           f"TPOT p50 {got['tpot_s']['p50'] * 1e3:7.1f} ms x{got['ratio_tpot_p50']:.3f}  "
-          f"TTFT p50 {got['ttft_s']['p50']:6.2f} s  (plain {base['tokens_per_s']:.1f} tok/s)",
-          flush=True)
+          f"TTFT p50 {got['ttft_s']['p50']:6.2f} s  (plain {base['tokens_per_s']:.1f} tok/s)"
+          f"{spread}", flush=True)
 
 
 def warm(llm, prompts: list[str]) -> None:
@@ -108,7 +121,8 @@ def routed_hits(sola) -> int:
     return sum(e["hits"] for e in sola.list_edits())  # servers from before that stat
 
 
-def sola_sweep(args, model: Path, questions, unrelated, run_plain, results: dict) -> list:
+def sola_sweep(args, model: Path, questions, unrelated, run_plain, results: dict,
+               save) -> list:
     from sola_vllm.config import EditConfig
     from sola_vllm.serving.llm import SolaLLM
 
@@ -135,16 +149,18 @@ def sola_sweep(args, model: Path, questions, unrelated, run_plain, results: dict
             before = routed_hits(sola)
             paired(f"sola_{count}_edits_{percent}pct_routed",
                    lambda b=batch: measure(sola.llm, b, args.max_tokens), run_plain, results,
-                   {"edits": count, "routed_percent": percent, "expected_routed": expected})
-            got = routed_hits(sola) - before
+                   {"edits": count, "routed_percent": percent, "expected_routed": expected},
+                   args.repeats)
+            got = (routed_hits(sola) - before) // args.repeats
             results[f"sola_{count}_edits_{percent}pct_routed"]["routed_requests"] = got
+            save()
             if got != expected:
                 print(f"  WARNING: {got} requests routed, {expected} expected", flush=True)
     close(sola.llm)
     return kept
 
 
-def lora_sweep(args, model: Path, edits, unrelated, run_plain, results: dict) -> None:
+def lora_sweep(args, model: Path, edits, unrelated, run_plain, results: dict, save) -> None:
     """vLLM's own multi-LoRA: each edit exported as a PEFT adapter, routed requests name
     their edit's adapter explicitly (the user's alternative to routing)."""
     from vllm import LLM
@@ -171,11 +187,12 @@ def lora_sweep(args, model: Path, edits, unrelated, run_plain, results: dict) ->
         paired(f"vllm_lora_{len(edits)}_adapters_{percent}pct", lambda b=batch, q=loras:
                measure(llm, b, args.max_tokens, q), run_plain, results,
                {"edits": len(edits), "routed_percent": percent,
-                "max_loras": min(len(edits), args.max_loras)})
+                "max_loras": min(len(edits), args.max_loras)}, args.repeats)
+        save()
     close(llm)
 
 
-def offline(args, results: dict) -> None:
+def offline(args, results: dict, save) -> None:
     from vllm import LLM
 
     from sola_vllm.models import fetch_default_model
@@ -191,9 +208,9 @@ def offline(args, results: dict) -> None:
     def run_plain() -> dict:
         return measure(plain, plain_prompts, args.max_tokens)
 
-    kept = sola_sweep(args, model, questions, unrelated, run_plain, results)
+    kept = sola_sweep(args, model, questions, unrelated, run_plain, results, save)
     if args.lora_adapters:
-        lora_sweep(args, model, kept, unrelated, run_plain, results)
+        lora_sweep(args, model, kept, unrelated, run_plain, results, save)
     close(plain)
 
 
@@ -210,6 +227,8 @@ def main() -> int:
                         help="edits served as vLLM LoRA adapters (0: skip)")
     parser.add_argument("--max-loras", type=int, default=64,
                         help="vLLM's max_loras: distinct adapters in one batch")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="pairs per configuration (the median pair is reported)")
     parser.add_argument("--http-edits", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--quick", action="store_true",
@@ -230,7 +249,7 @@ def main() -> int:
           flush=True)
     if args.mode in ("offline", "all"):
         print("offline (LLM engines stepped in this process):", flush=True)
-        offline(args, results["offline"])
+        offline(args, results["offline"], save=lambda: write_json(args.out, results))
         write_json(args.out, results)
     if args.mode in ("http", "all"):
         from http_load import http_sweep

@@ -94,10 +94,18 @@ class SolaLLM:
     def add_edit(self, edit: Edit, active: bool = True) -> dict:
         return self.add_edits([edit], active)[0]
 
-    def add_edits(self, edits: list[Edit], active: bool = True, chunk: int = 64) -> list[dict]:
-        """Hot-add edits: one batched capture pass for all their prompts, then one RPC per
-        `chunk` edits, each all or nothing. A refused chunk raises; the chunks before it stay
-        added."""
+    def add_edits(self, edits: list[Edit], active: bool = True, chunk: int = 64,
+                  capture_chunk: int = 1024) -> list[dict]:
+        """Hot-add edits: their prompts' keys are captured in batched passes of up to
+        `capture_chunk` edits (the worker holds at most MAX_PENDING_CAPTURES pending keys), then
+        added with one RPC per `chunk` edits, each all or nothing. A refused chunk raises; the
+        chunks before it stay added."""
+        results = []
+        for first in range(0, len(edits), capture_chunk):
+            results += self._add_captured(edits[first:first + capture_chunk], active, chunk)
+        return results
+
+    def _add_captured(self, edits: list[Edit], active: bool, chunk: int) -> list[dict]:
         ids = self.capture_keys([p for edit in edits for p in edit.prompts])
         per_edit, start = [], 0
         for edit in edits:
