@@ -12,7 +12,6 @@ import http.client
 import json
 import os
 import shutil
-import signal
 import subprocess
 import urllib.parse
 from dataclasses import replace
@@ -20,7 +19,7 @@ from dataclasses import replace
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from test_http_server import ROME, Server, complete, snapshot
+from test_http_server import ROME, Server, complete, snapshot, stop_and_report
 
 from sola_vllm.cli import main as cli_main
 from sola_vllm.edit import Edit
@@ -43,9 +42,7 @@ def server(tmp_path_factory):
     finally:
         del os.environ["SOLA_ADMIN_TOKEN"]
     yield srv
-    srv.stop()
-    if srv.proc.returncode not in (0, -signal.SIGTERM):
-        print(srv._tail())
+    stop_and_report(srv)
 
 
 @pytest.fixture(scope="module")

@@ -92,15 +92,25 @@ class Server:
         return self.log.read_text(errors="replace")[-4000:]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    srv = Server(root / "store", root / "server.log")
-    srv.start()  # boots while the edit is trained
-    yield srv
+def stop_and_report(srv: Server) -> None:
     srv.stop()
     if srv.proc.returncode not in (0, -signal.SIGTERM):
         print(srv._tail())
+
+
+def module_server(tmp_path_factory, name: str):
+    """A test module's server (yield from it in a module-scoped fixture): it boots while the
+    module's edits are trained, and its log tail is printed if it did not stop cleanly."""
+    root = tmp_path_factory.mktemp(name)
+    srv = Server(root / "store", root / "server.log")
+    srv.start()
+    yield srv
+    stop_and_report(srv)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    yield from module_server(tmp_path_factory, "serve")
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,10 @@ module, the default model): canary edits through the OpenAI completions API with
 `vllm_xargs`, HTTP and CLI transitions, collision refusal, and the check route."""
 
 import json
-import signal
 from dataclasses import replace
 
 import pytest
-from test_http_server import OTHER, ROME, Server, call, complete, push, snapshot
+from test_http_server import OTHER, ROME, call, complete, module_server, push, snapshot
 
 from sola_vllm.cli import main as cli_main
 
@@ -18,13 +17,7 @@ MARS = "The largest planet in the solar system is"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve-lifecycle")
-    srv = Server(root / "store", root / "server.log")
-    srv.start()  # boots while the edit is trained
-    yield srv
-    srv.stop()
-    if srv.proc.returncode not in (0, -signal.SIGTERM):
-        print(srv._tail())
+    yield from module_server(tmp_path_factory, "serve-lifecycle")
 
 
 def complete_canary(url: str, prompt: str) -> tuple[str, list[int]]:

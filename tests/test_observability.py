@@ -14,7 +14,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from test_http_server import OTHER, ROME, Server, call, push
+from test_http_server import OTHER, ROME, call, module_server, push
 from test_serving_runtime import HIDDEN, edit, make_runtime, step
 
 from sola_vllm.serving.lookup import checked_request_id
@@ -233,11 +233,7 @@ def lookup(url: str, request_id: str) -> tuple[int, dict]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("observe")
-    srv = Server(root / "store", root / "server.log")
-    srv.start()  # boots while the edit is trained
-    yield srv
-    srv.stop()
+    yield from module_server(tmp_path_factory, "observe")
 
 
 @pytest.mark.slow
