@@ -302,34 +302,29 @@ async def get_edit(edit_id: str, request: Request) -> Response:
     return await _reply(work())
 
 
-async def _set_state(edit_id: str, request: Request, active: bool) -> Response:
+async def _transition(edit_id: str, op: str, request: Request) -> Response:
     async def work() -> dict:  # _manager may refuse: inside the work, so _reply answers it
         params = request.query_params
-        return await _manager(request).set_state(edit_id, active, params.get("author", ""),
-                                                 params.get("note", ""))
+        return await _manager(request).transition(edit_id, op, params.get("author", ""),
+                                                  params.get("note", ""))
 
     return await _reply(work())
 
 
 @router.delete("/v1/sola/edits/{edit_id}")
 async def revoke_edit(edit_id: str, request: Request) -> Response:
-    return await _set_state(edit_id, request, active=False)
+    return await _transition(edit_id, "revoke", request)
 
 
 @router.post("/v1/sola/edits/{edit_id}/restore")
 async def restore_edit(edit_id: str, request: Request) -> Response:
-    return await _set_state(edit_id, request, active=True)
+    return await _transition(edit_id, "restore", request)
 
 
 @router.post("/v1/sola/edits/{edit_id}/{op}")
 async def transition_edit(edit_id: str, op: str, request: Request) -> Response:
     """stage / canary / promote (any other step name is a 404 naming the steps)."""
-    async def work() -> dict:
-        params = request.query_params
-        return await _manager(request).transition(edit_id, op, params.get("author", ""),
-                                                  params.get("note", ""))
-
-    return await _reply(work())
+    return await _transition(edit_id, op, request)
 
 
 @router.get("/v1/sola/requests/{request_id}")

@@ -338,10 +338,6 @@ class EditManager:
         except RequestError as exc:
             logger.error("sola-vllm: could not unload edit %s: %s", edit_id, exc.message)
 
-    async def set_state(self, edit_id: str, active: bool, author: str = "",
-                        note: str = "") -> dict:
-        return await self.transition(edit_id, "restore" if active else "revoke", author, note)
-
     async def transition(self, edit_id: str, op: str, author: str = "", note: str = "") -> dict:
         """One lifecycle step (`journal.TRANSITIONS`), journaled with author and note."""
         edit_id = checked_id(edit_id)

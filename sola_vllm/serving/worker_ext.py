@@ -27,6 +27,23 @@ def _result(fn):
     return wrapper
 
 
+def _add_edits(runtime, artifacts: list, capture_ids: list, active: bool) -> list[dict]:
+    edits = [Edit.from_bytes(bytes(a)) for a in artifacts]
+    for edit, ids in zip(edits, capture_ids, strict=True):
+        if len(ids) != len(edit.prompts):
+            raise ValueError(f"edit {edit.id} has {len(edit.prompts)} prompts but "
+                             f"{len(ids)} captured keys were named")
+    wanted = [str(c) for ids in capture_ids for c in ids]
+    keys = runtime.take_captures(wanted)  # [sum of prompts, d]; refuses missing ones
+    per_edit = list(torch.split(keys, [len(ids) for ids in capture_ids]))
+    summaries = runtime.add_edits(edits, per_edit, active=bool(active))
+    for summary, edit, edit_keys in zip(summaries, edits, per_edit, strict=True):
+        drift = 1 - torch.nn.functional.cosine_similarity(edit_keys, edit.keys.float(),
+                                                          dim=-1)
+        summary["key_drift_vs_reference"] = [float(d) for d in drift]
+    return summaries
+
+
 class SolaWorkerExtension:
     def _sola(self):
         model = self.model_runner.get_model()
@@ -38,7 +55,7 @@ class SolaWorkerExtension:
     @_result
     def sola_add_edit(self, artifact: bytes, capture_ids: list, active: bool = True) -> dict:
         """Load an edit; its routing keys are the ones this engine captured for its prompts."""
-        (summary,) = self._add(self._sola(), [artifact], [capture_ids], active)
+        (summary,) = _add_edits(self._sola(), [artifact], [capture_ids], active)
         return summary
 
     @_result
@@ -47,24 +64,7 @@ class SolaWorkerExtension:
         the keys captured for artifacts[i]'s prompts)."""
         if len(artifacts) != len(capture_ids):
             raise ValueError(f"{len(artifacts)} artifacts but {len(capture_ids)} capture lists")
-        return self._add(self._sola(), artifacts, capture_ids, active)
-
-    @staticmethod
-    def _add(runtime, artifacts: list, capture_ids: list, active: bool) -> list[dict]:
-        edits = [Edit.from_bytes(bytes(a)) for a in artifacts]
-        for edit, ids in zip(edits, capture_ids, strict=True):
-            if len(ids) != len(edit.prompts):
-                raise ValueError(f"edit {edit.id} has {len(edit.prompts)} prompts but "
-                                 f"{len(ids)} captured keys were named")
-        wanted = [str(c) for ids in capture_ids for c in ids]
-        keys = runtime.take_captures(wanted)  # [sum of prompts, d]; refuses missing ones
-        per_edit = list(torch.split(keys, [len(ids) for ids in capture_ids]))
-        summaries = runtime.add_edits(edits, per_edit, active=bool(active))
-        for summary, edit, edit_keys in zip(summaries, edits, per_edit, strict=True):
-            drift = 1 - torch.nn.functional.cosine_similarity(edit_keys, edit.keys.float(),
-                                                              dim=-1)
-            summary["key_drift_vs_reference"] = [float(d) for d in drift]
-        return summaries
+        return _add_edits(self._sola(), artifacts, capture_ids, active)
 
     @_result
     def sola_set_active(self, edit_id: str, active: bool) -> dict:
