@@ -267,6 +267,36 @@ def test_push_revoke_restore_change_the_served_answers(server, rome):
     assert [e["op"] for e in reply["history"]] == ["add", "revoke", "restore"]
 
 
+def test_changes_reach_the_next_request_while_the_engine_is_busy(server, rome):
+    """Revoke and restore are acknowledged once the engine has the change queued, before the
+    step in progress ends (manager.send): a request sent after the acknowledgement must still
+    see it. Other clients keep the engine busy with long generations meanwhile."""
+    import threading
+
+    url = server.url
+    stop = threading.Event()
+
+    def busy() -> None:
+        while not stop.is_set():
+            call(url, "POST", "/v1/completions", {"prompt": OTHER, "max_tokens": 48,
+                                                  "temperature": 0, "ignore_eos": True})
+
+    load = [threading.Thread(target=busy, daemon=True) for _ in range(3)]
+    for thread in load:
+        thread.start()
+    try:
+        time.sleep(1)
+        for _ in range(3):
+            assert call(url, "DELETE", "/v1/sola/edits/rome")[0] == 200
+            assert "Rome" not in complete(url, ROME)[0]
+            assert call(url, "POST", "/v1/sola/edits/rome/restore")[0] == 200
+            assert complete(url, ROME)[0] == " Rome."
+    finally:
+        stop.set()
+        for thread in load:
+            thread.join(timeout=120)
+
+
 def test_bad_requests_are_refused_and_change_nothing(server, rome):
     url = server.url
     before = snapshot(server.store)

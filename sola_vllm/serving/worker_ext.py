@@ -67,6 +67,29 @@ class SolaWorkerExtension:
         return _add_edits(self._sola(), artifacts, capture_ids, active)
 
     @_result
+    def sola_load_checked(self, artifact: bytes, capture_ids: list, probes: list,
+                          probe_capture_ids: list) -> dict:
+        """Load an edit unrouted and return its pre-flight report with it (`sola_add_edit`
+        then `sola_preflight`, in one call: an add under load waits for one engine step, not
+        two). All or nothing: an edit whose check fails is unloaded again."""
+        runtime = self._sola()
+        probe_keys = runtime.take_captures(list(probe_capture_ids)) if probe_capture_ids else None
+        (summary,) = _add_edits(runtime, [artifact], [capture_ids], False)
+        try:
+            check = runtime.preflight(runtime.loaded_group(summary["id"]), list(probes),
+                                      probe_keys)
+        except BaseException:
+            runtime.remove_edit(summary["id"])
+            raise
+        return {"serving": summary, "check": check}
+
+    @_result
+    def sola_describe_edit(self, edit_id: str) -> dict | None:
+        """One loaded edit's serving state, or None when it is not loaded."""
+        runtime = self._sola()
+        return runtime.describe(str(edit_id)) if str(edit_id) in runtime.edits else None
+
+    @_result
     def sola_set_active(self, edit_id: str, active: bool) -> dict:
         return self._sola().set_active(str(edit_id), bool(active))
 
