@@ -79,9 +79,12 @@ def measure(llm, prompts: list[str], max_tokens: int, lora_requests=None) -> dic
 
 def paired(name: str, run_config, run_plain, results: dict, extra: dict | None = None,
            repeats: int = 1) -> None:
-    """Measure a configuration, then plain vLLM, `repeats` times over; each ratio is taken
-    within a pair, and the median pair is reported (with every pair's ratio, for the spread)."""
-    pairs = [(run_config(), run_plain()) for _ in range(repeats)]
+    """Measure a configuration and plain vLLM, `repeats` times over; each ratio is taken
+    within a pair, and the median pair is reported (with every pair's ratio, for the spread).
+    Pairs alternate their order (config first, then plain first: ABBA), so a drift of the
+    machine's speed during the sweep does not favour either side."""
+    pairs = [ordered_pair(run_config, run_plain, config_first=i % 2 == 0)
+             for i in range(repeats)]
     for got, base in pairs:
         got["plain"] = base
         got["ratio_tokens_per_s"] = got["tokens_per_s"] / base["tokens_per_s"]
@@ -104,6 +107,14 @@ def paired(name: str, run_config, run_plain, results: dict, extra: dict | None =
           f"TPOT p50 {got['tpot_s']['p50'] * 1e3:7.1f} ms x{got['ratio_tpot_p50']:.3f}  "
           f"TTFT p50 {got['ttft_s']['p50']:6.2f} s  (plain {base['tokens_per_s']:.1f} tok/s)"
           f"{spread}", flush=True)
+
+
+def ordered_pair(run_config, run_plain, config_first: bool) -> tuple[dict, dict]:
+    if config_first:
+        got = run_config()
+        return got, run_plain()
+    base = run_plain()
+    return run_config(), base
 
 
 def warm(llm, prompts: list[str]) -> None:
@@ -144,6 +155,9 @@ def sola_sweep(args, model: Path, questions, unrelated, run_plain, results: dict
             sola.add_edits(edits)
             results[f"add_{resident}_to_{count}_s"] = time.perf_counter() - started
             resident = count
+            # one unmeasured run after a large add: the first run after one was slow twice
+            # (0.87 of plain vLLM, then 0.95 in the next pair) and is not steady serving
+            measure(sola.llm, mix(prompts, unrelated, args.requests, 0), args.max_tokens)
         for percent in (args.routed if count else [0]):
             batch = mix(prompts, unrelated, args.requests, percent)
             resident_prompts = set(prompts[:count])
