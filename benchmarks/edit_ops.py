@@ -29,6 +29,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from http_load import Server, _load, push, routed_requests, start_servers  # noqa: E402
@@ -73,7 +75,7 @@ class Background:
 
     def __init__(self, server: Server, prompts: list[str], clients: int):
         self.server, self.prompts, self.clients = server, prompts, clients
-        self.stop_flag, self.served = False, 0
+        self.stop_flag, self.served, self.tpot = False, 0, []
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -81,6 +83,8 @@ class Background:
             done = asyncio.run(_load(self.server.url, self.server.model,
                                      self.prompts[: self.clients], 16, self.clients))
             self.served += done["requests"]
+            if done["tpot_s"].get("p50") is not None:
+                self.tpot.append(done["tpot_s"]["p50"])  # ~ the engine's step time
 
     def __enter__(self) -> Background:
         self.thread.start()
@@ -122,10 +126,11 @@ def latency_at(server: Server, load: int, edits, unrelated, results: dict) -> No
             revokes.append(revoke(server, edit.id))
             invisible += routes_now(server, edit.prompts[0])
         served = background.served
+        step = float(np.median(background.tpot)) if background.tpot else None
     results[f"load_{load}_clients"] = {
         "clients": load, "changes": len(edits), "add_s": percentiles(adds),
         "revoke_s": percentiles(revokes), "not_visible_to_next_request": invisible,
-        "background_requests_served": served}
+        "background_requests_served": served, "background_tpot_p50_s": step}
     print(f"  load {load:2d} clients: add p50 {percentiles(adds)['p50'] * 1e3:6.0f} ms p99 "
           f"{percentiles(adds)['p99'] * 1e3:6.0f} ms | revoke p50 "
           f"{percentiles(revokes)['p50'] * 1e3:6.0f} ms p99 "

@@ -170,13 +170,20 @@ def ops_section(data: dict | None) -> list[str]:
         return out + ["Not measured yet.", ""]
     out += machine_lines(data)
     out += ["| background load | add p50 / p99 (ms) | revoke p50 / p99 (ms) | not visible to "
-            "the next request | background requests served |", "|---|---|---|---|---|"]
+            "the next request | background requests served | their TPOT p50 (ms) |",
+            "|---|---|---|---|---|---|"]
     for name, r in data.items():
         if name.startswith("load_"):
+            step = r.get("background_tpot_p50_s")
             out.append(f"| {r['clients']} clients | {ms(r['add_s']['p50'])} / "
                        f"{ms(r['add_s']['p99'])} | {ms(r['revoke_s']['p50'])} / "
                        f"{ms(r['revoke_s']['p99'])} | {r['not_visible_to_next_request']} of "
-                       f"{2 * r['changes']} | {r['background_requests_served']} |")
+                       f"{2 * r['changes']} | {r['background_requests_served']} | "
+                       f"{ms(step) if step else '-'} |")
+    out += ["", "An add runs the edit's prompt through the engine to capture its key (decision "
+            "5), so under load it takes about two engine steps (the capture's prefill, then the "
+            "load-and-check RPC); a revoke is answered once it is stored and queued to the "
+            "engine (see README, Revoking under traffic)."]
     if "memory" in data:
         m = data["memory"]
         out += ["", f"Memory per resident edit (rank {m['rank']}): measured "
