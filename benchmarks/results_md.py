@@ -186,12 +186,16 @@ def ops_section(data: dict | None) -> list[str]:
             "engine (see README, Revoking under traffic)."]
     if "memory" in data:
         m = data["memory"]
+        push = m["rss_growth_last_pushes_bytes"] / m["last_pushes"]
         out += ["", f"Memory per resident edit (rank {m['rank']}): measured "
-                f"{m['measured_bytes_per_resident_edit'] / 1024:.0f} KiB (resident set of the "
-                f"server with all {m['slots']} slots holding an edit, minus a server with one "
-                f"slot; {m['measured_bytes_per_empty_slot'] / 1024:.0f} KiB of it already at "
-                f"start, when the slots are allocated), formula rank*(in+out)*4 per module + "
-                f"keys*d*4 = {m['formula_bytes_per_edit'] / 1024:.0f} KiB."]
+                f"{m['measured_bytes_per_resident_edit'] / 1024:.0f} KiB = a slot, allocated at "
+                f"start ({m['measured_bytes_per_empty_slot'] / 1024:.0f} KiB: a server with "
+                f"{m['slots']} slots minus one with a single slot, per slot) + what a push adds "
+                f"({push / 1024:.0f} KiB: growth over {m['last_pushes']} pushes); formula "
+                f"rank*(in+out)*4 per module + keys*d*4 = "
+                f"{m['formula_bytes_per_edit'] / 1024:.0f} KiB."]
+        if data.get("note"):
+            out += ["", f"Note: {data['note']}."]
     return out + [""]
 
 
