@@ -239,7 +239,8 @@ def test_serve_execs_vllm_with_the_plugin(tmp_path):
     assert {"sola", "sola_api"} <= set(env["VLLM_PLUGINS"].split(","))
     assert env["SOLA_VLLM_STORE"] == str((tmp_path / "s").resolve())
     assert env["SOLA_VLLM_PREFIX_GUARD"] == "1"
-    for own in (["--hf-overrides", "{}"], ["--api-server-count=2"], ["some-model"]):
+    for own in (["--hf-overrides", "{}"], ["--api-server-count=2"], ["-asc", "2"],
+                ["-dp", "2"], ["--data-parallel-size=2"], ["some-model"]):
         with pytest.raises(ValueError):
             prepare(args, own)
 

@@ -197,3 +197,21 @@ def test_the_batch_add_rpc_uses_the_captured_keys_and_refuses_missing_ones():
     assert reply["ok"] and [s["id"] for s in reply["result"]] == ["e0", "e1"]
     assert torch.equal(runtime.keys[runtime.edits["e1"].key_rows[0]], captured["c1"])
     assert runtime.captures == {}
+
+
+@pytest.mark.parametrize("parallel", [(2, 1, 1), (1, 2, 1), (1, 1, 2)])
+def test_parallel_engines_are_refused_at_start(parallel):
+    """Edit RPCs reach one engine's one worker: any other rank would route without them."""
+    from types import SimpleNamespace
+
+    from sola_vllm.serving.models import init_sola
+
+    sola = ServingConfig("llama", (1,), ("mlp.up_proj",), "s" * 64, "m" * 64).to_dict()
+    tp, pp, dp = parallel
+    vllm_config = SimpleNamespace(
+        model_config=SimpleNamespace(hf_config=SimpleNamespace(sola=sola)),
+        parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                                        data_parallel_size=dp),
+        lora_config=None)
+    with pytest.raises(ValueError, match="parallel size 1"):
+        init_sola(None, vllm_config)

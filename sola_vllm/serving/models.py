@@ -20,8 +20,11 @@ def init_sola(model, vllm_config) -> SolaRuntime:
     hf_config = vllm_config.model_config.hf_config
     config = ServingConfig.from_dict(dict(hf_config.sola))
     parallel = vllm_config.parallel_config
-    if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
-        raise ValueError("sola-vllm serves with tensor and pipeline parallel size 1 for now")
+    if (parallel.tensor_parallel_size, parallel.pipeline_parallel_size,
+            parallel.data_parallel_size) != (1, 1, 1):
+        # edit RPCs reach one engine's one worker: other ranks would route without the change
+        raise ValueError("sola-vllm serves with tensor, pipeline and data parallel size 1 for "
+                         "now")
     if vllm_config.lora_config is not None:
         raise ValueError("sola-vllm applies its own LoRAs: leave vLLM's --enable-lora off")
     arch = arch_for(config.model_type).name

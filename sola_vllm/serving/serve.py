@@ -43,8 +43,8 @@ from .manager import CONFIG_ENV, MODEL_ENV, STORE_ENV
 SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 PLUGINS = ("sola", "sola_api")
 # flags this launcher sets itself, or that would give one engine several API servers / engines
-_OWN_FLAGS = ("--hf-overrides", "--worker-extension-cls", "--api-server-count",
-              "--data-parallel-size")
+_OWN_FLAGS = ("--hf-overrides", "--worker-extension-cls", "--api-server-count", "-asc",
+              "--data-parallel-size", "-dp")
 
 
 def check_passthrough(extra: list[str]) -> None:
