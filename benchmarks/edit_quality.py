@@ -38,8 +38,10 @@ def _shown(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-def render(report: dict, report_path: Path, command: str) -> str:
-    """The generated page: provenance header, meta, comparison, retention, definitions."""
+def render(report: dict, report_path: Path, command: str,
+           engines: list[tuple[Path, dict]] = ()) -> str:
+    """The generated page: provenance header, meta, comparison, retention, the same data on other
+    engines (`engines`: reports of the same stream run with `--engine vllm`), definitions."""
     ts = checkpoint_ts(report)
     if not ts:
         raise ValueError(f"{report_path}: the report has no checkpoints")
@@ -57,6 +59,8 @@ def render(report: dict, report_path: Path, command: str) -> str:
                          ("Routing", routing_table(report))):
         if table:
             parts += [f"## {title}", table]
+    for path, other in engines:
+        parts += engine_section(report, path, other)
     parts += [
         "## Definitions",
         DEFINITIONS.rstrip(),
@@ -64,15 +68,33 @@ def render(report: dict, report_path: Path, command: str) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def engine_section(report: dict, path: Path, other: dict) -> list[str]:
+    """The same stream of edits served by another engine (the vLLM plugin): its comparison and
+    rollback at its largest T, with its own command."""
+    same_stream(report, path, other)
+    meta, t = other["meta"], checkpoint_ts(other)[-1]
+    parts = [f"## On the {meta.get('engine')} engine",
+             f"`{meta.get('command')}` ({_shown(path)}; took {meta.get('seconds', 0):.0f} s, "
+             f"{meta.get('route_mismatches', 0)} routes differing from the predicted ones). "
+             "Generality and reliability come from greedy generations here (no teacher "
+             "forcing).", comparison_table(other, t)]
+    rollback = rollback_table(other)
+    return parts + ([rollback] if rollback else [])
+
+
+def same_stream(report: dict, path: Path, other: dict) -> None:
+    for key in ("data", "split", "view", "model_fingerprint"):
+        if other["meta"].get(key) != report["meta"].get(key):
+            raise ValueError(f"{path}: {key} {other['meta'].get(key)!r} differs from the "
+                             f"main report's {report['meta'].get(key)!r}")
+
+
 def merge(report: dict, others: list[tuple[Path, dict]]) -> dict:
     """Add the methods of other reports (same data, split and model) that `report` lacks,
     e.g. a method too slow to train for every T; their checkpoints are shown where they exist."""
     meta = report["meta"]
     for path, other in others:
-        for key in ("data", "split", "view", "model_fingerprint"):
-            if other["meta"].get(key) != meta.get(key):
-                raise ValueError(f"{path}: {key} {other['meta'].get(key)!r} differs from the "
-                                 f"main report's {meta.get(key)!r}")
+        same_stream(report, path, other)
         have = {m["name"] for m in report["methods"]}
         added = [m for m in other["methods"] if m["name"] not in have]
         report["methods"] += added
@@ -90,13 +112,17 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"markdown to write (default: {_shown(DEFAULT_OUT)})")
     parser.add_argument("--also", type=Path, action="append", default=[],
                         help="another report.json whose extra methods are added (repeatable)")
+    parser.add_argument("--engine", type=Path, action="append", default=[],
+                        help="a report.json of the same stream on another engine, shown in its "
+                             "own section (repeatable)")
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     command = shlex.join(["python", "benchmarks/edit_quality.py", *argv])
     try:
         report = json.loads(args.report.read_text(encoding="utf-8"))
         others = [(p, json.loads(p.read_text(encoding="utf-8"))) for p in args.also]
-        text = render(merge(report, others), args.report, command)
+        engines = [(p, json.loads(p.read_text(encoding="utf-8"))) for p in args.engine]
+        text = render(merge(report, others), args.report, command, engines)
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -228,3 +228,24 @@ def test_benchmark_script_rejects_bad_report(tmp_path, capsys):
     out = tmp_path / "x.md"
     assert _benchmark_module().main([str(bad), "--out", str(out)]) == 2
     assert not out.exists() and "error" in capsys.readouterr().err
+
+
+def test_benchmark_script_adds_a_section_per_engine_and_refuses_another_stream(report, tmp_path):
+    main_path, vllm_path = tmp_path / "report.json", tmp_path / "vllm.json"
+    main_path.write_text(json.dumps(report))
+    on_vllm = json.loads(json.dumps(report))
+    on_vllm["meta"].update(engine="vllm", command="sola-vllm eval --engine vllm", seconds=12.0)
+    vllm_path.write_text(json.dumps(on_vllm))
+    out = tmp_path / "edit_quality.md"
+    assert _benchmark_module().main([str(main_path), "--engine", str(vllm_path),
+                                     "--out", str(out)]) == 0
+    md = out.read_text()
+    section = md[md.index("## On the vllm engine"):md.index("## Definitions")]
+    assert "`sola-vllm eval --engine vllm`" in section and "took 12 s" in section
+    assert rp.comparison_table(on_vllm, 100) in section
+
+    on_vllm["meta"]["split"] = "dev"
+    vllm_path.write_text(json.dumps(on_vllm))
+    assert _benchmark_module().main([str(main_path), "--engine", str(vllm_path),
+                                     "--out", str(tmp_path / "other.md")]) == 2
+    assert not (tmp_path / "other.md").exists()
