@@ -46,6 +46,10 @@ SOLA = dict(max_model_len=512, enable_chunked_prefill=True, max_num_batched_toke
 STRICT = dict(max_model_len=192, enable_chunked_prefill=False, max_num_batched_tokens=192,
               enable_prefix_caching=False, num_gpu_blocks_override=8)
 CAPACITY = dict(max_edits=8, max_keys=16, block_size=32)
+# three engine starts with MRV2's kernels interpreted: minutes, more on a busy machine (the
+# first test to use the engines pays for them within its own timeout)
+def SLOW(test):  # noqa: N802 (a decorator, named like the marks it applies)
+    return pytest.mark.slow(pytest.mark.timeout(1800)(test))
 
 
 # --- the step layout -----------------------------------------------------------------------------
@@ -255,7 +259,7 @@ def mrv2(edits, tmp_path_factory):
                VLLM_ALLOW_INSECURE_SERIALIZATION="1", VLLM_CPU_KVCACHE_SPACE="1")
     proc = subprocess.run([sys.executable, str(HERE / "mrv2_cpu" / "run_engines.py"),
                            str(spec), str(out)], env=env, capture_output=True, text=True,
-                          timeout=800)
+                          timeout=1700)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(out.read_text())
 
@@ -269,7 +273,7 @@ def v1(edits):
     _shutdown(llm)
 
 
-@pytest.mark.slow
+@SLOW
 def test_the_mrv2_engines_ran_mrv2_with_the_plugins_model_state(mrv2):
     runner = "vllm.v1.worker.cpu.model_runner.CPUModelRunner"  # MRV2's CPU runner
     assert mrv2["runner"] == {"sola": [runner, "SolaModelState"],
@@ -277,7 +281,7 @@ def test_the_mrv2_engines_ran_mrv2_with_the_plugins_model_state(mrv2):
                               "plain": [runner, "DefaultModelState"]}
 
 
-@pytest.mark.slow
+@SLOW
 def test_routed_and_unrouted_rows_equal_the_v1_runner_exactly(mrv2, v1):
     want = sola_tokens(v1, MIXED)
     first, cached = mrv2["results"]["sola"][:2]
@@ -287,7 +291,7 @@ def test_routed_and_unrouted_rows_equal_the_v1_runner_exactly(mrv2, v1):
     assert texts == [" Rome.", " Mars.", " the Congo.", " Rome."]
 
 
-@pytest.mark.slow
+@SLOW
 def test_unrouted_rows_equal_plain_vllm_exactly_under_mrv2(mrv2):
     got, plain = mrv2["results"]["sola"][0], mrv2["results"]["plain"][0]
     for i in range(len(MIXED)):
@@ -297,7 +301,7 @@ def test_unrouted_rows_equal_plain_vllm_exactly_under_mrv2(mrv2):
             assert got[i] == plain[i]
 
 
-@pytest.mark.slow
+@SLOW
 def test_revoke_under_mrv2_gives_the_base_models_exact_tokens(mrv2):
     results, plain = mrv2["results"]["sola"], mrv2["results"]["plain"][0]
     mixed = results[0]
@@ -307,7 +311,7 @@ def test_revoke_under_mrv2_gives_the_base_models_exact_tokens(mrv2):
     assert results[6]["requests_in_flight"] == 0  # every finished request released its route
 
 
-@pytest.mark.slow
+@SLOW
 def test_preemption_under_mrv2_keeps_each_route(mrv2, v1):
     tokens, stats = mrv2["results"]["strict"]
     assert tokens == sola_tokens(v1, MIXED) * 2
