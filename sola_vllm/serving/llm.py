@@ -47,9 +47,7 @@ def serving_config(model_path: Path, config: SolaConfig, **capacity) -> ServingC
 def engine_kwargs(model_path: Path, serving: ServingConfig) -> dict:
     """What vLLM needs to build the plugin's model; also sets the prefix-cache guard."""
     os.environ[PREFIX_GUARD_ENV] = "1"
-    # the plugin hooks vLLM's V1 model runner; Model Runner V2 (CUDA's default) is not yet
-    # supported, so select V1 unless the caller chose explicitly
-    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    # either model runner is hooked (V1 and Model Runner V2); vLLM picks it as usual
     return {"model": str(model_path),
             "hf_overrides": {"architectures": [serving.architecture], "sola": serving.to_dict()},
             "worker_extension_cls": WORKER_EXTENSION}

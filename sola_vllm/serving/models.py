@@ -13,6 +13,7 @@ from ..arch import arch_for
 from .config import ServingConfig
 from .layers import lora_targets, patch_model
 from .ops import register_runtime
+from .runner_support import check_runner, find_runner
 from .runtime import SolaRuntime
 
 
@@ -27,6 +28,7 @@ def init_sola(model, vllm_config) -> SolaRuntime:
                          "now")
     if vllm_config.lora_config is not None:
         raise ValueError("sola-vllm applies its own LoRAs: leave vLLM's --enable-lora off")
+    check_runner(find_runner())  # before any weight is patched: fail at engine start
     arch = arch_for(config.model_type).name
     groups = lora_targets(model, arch, config.layers, config.modules)
     max_tokens = max(vllm_config.scheduler_config.max_num_batched_tokens,
@@ -43,8 +45,14 @@ def _with_sola(base: type, name: str) -> type:
         base.__init__(self, vllm_config=vllm_config, prefix=prefix)
         self.sola = init_sola(self, vllm_config)
 
-    return type(name, (base,), {"__init__": __init__, "__module__": __name__,
-                                "__qualname__": name})
+    def get_model_state_cls(self):
+        """Model Runner V2's per-model hook (the V1 runner never asks)."""
+        from .runner_hooks_v2 import SolaModelState
+
+        return SolaModelState
+
+    return type(name, (base,), {"__init__": __init__, "get_model_state_cls": get_model_state_cls,
+                                "__module__": __name__, "__qualname__": name})
 
 
 SolaLlamaForCausalLM = _with_sola(LlamaForCausalLM, "SolaLlamaForCausalLM")

@@ -1,5 +1,6 @@
-"""Hooks on vLLM's V1 model runner (CPU; CUDA with VLLM_USE_V2_MODEL_RUNNER=0) and on the
-prefix-cache block hash. Each `apply_*` is idempotent and has a matching `revert_*`."""
+"""Hooks on vLLM's V1 model runner (CPU's default; CUDA with VLLM_USE_V2_MODEL_RUNNER=0) and on
+the prefix-cache block hash. Each `apply_*` is idempotent and has a matching `revert_*`.
+Model Runner V2 is hooked through its ModelState instead (`runner_hooks_v2`)."""
 
 from __future__ import annotations
 
@@ -83,10 +84,23 @@ def apply_runner_hooks() -> None:
     Runner._model_forward = _model_forward
 
 
+_V1_HOOKED = ("_prepare_inputs", "_update_states", "_model_forward")
+
+
+def v1_hooks_reach(runner_cls: type) -> bool:
+    """True if `runner_cls` is vLLM's V1 runner (or a subclass) and every hooked method it runs
+    is the hook (a subclass that overrides one would step past it)."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner as Runner
+
+    if not issubclass(runner_cls, Runner) or "_prepare_inputs" not in _ORIGINAL:
+        return False
+    return all(getattr(runner_cls, name) is getattr(Runner, name) for name in _V1_HOOKED)
+
+
 def revert_runner_hooks() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner as Runner
 
-    for name in ("_prepare_inputs", "_update_states", "_model_forward"):
+    for name in _V1_HOOKED:
         if name in _ORIGINAL:
             setattr(Runner, name, _ORIGINAL.pop(name))
 

@@ -10,8 +10,9 @@ with
   and the worker RPCs), `--host` (default 127.0.0.1), `--port`, `--served-model-name` (default:
   the model folder's name) and every other flag given, unchanged;
 * environment: `VLLM_PLUGINS=sola,sola_api` (the general plugin and the endpoint plugin),
-  `SOLA_VLLM_PREFIX_GUARD=1`; when unset, `VLLM_USE_V2_MODEL_RUNNER=0` (the runner hooks need
-  the V1 runner) and, on CPU, `VLLM_CPU_KVCACHE_SPACE=1` (GiB); and the settings of
+  `SOLA_VLLM_PREFIX_GUARD=1`; when unset, on CPU, `VLLM_CPU_KVCACHE_SPACE=1` (GiB) (vLLM
+  picks its model runner as usual: the V1 runner and Model Runner V2 are both hooked); and
+  the settings of
   the endpoint plugin (`sola_vllm.serving.api`): `SOLA_VLLM_STORE`, `SOLA_VLLM_MODEL`,
   `SOLA_VLLM_CONFIG`, and `SOLA_ADMIN_TOKEN` (from `--admin-token` or the environment: the
   token is never put on the server's argv, which `ps` shows, nor printed) and
@@ -77,9 +78,6 @@ def build_env(store_dir: Path, model_path: Path, config: SolaConfig, cpu: bool) 
     env[STORE_ENV] = str(store_dir)
     env[MODEL_ENV] = str(model_path)
     env[CONFIG_ENV] = json.dumps(config.to_dict())
-    # the runner hooks are written for vLLM's V1 model runner (the CPU default; on CUDA the
-    # default is Model Runner V2, where no key would ever be captured or routed)
-    env.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     if cpu:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     return env
