@@ -215,3 +215,32 @@ def test_parallel_engines_are_refused_at_start(parallel):
         lora_config=None)
     with pytest.raises(ValueError, match="parallel size 1"):
         init_sola(None, vllm_config)
+
+
+@pytest.mark.parametrize("mode", ["PIECEWISE", "FULL_AND_PIECEWISE", "FULL"])
+def test_cuda_graphs_are_refused_at_start(mode):
+    """A replayed CUDA graph would skip the host-side routing of each step."""
+    from types import SimpleNamespace
+
+    from vllm.config import CUDAGraphMode
+
+    from sola_vllm.serving.models import check_graphs
+
+    check_graphs(SimpleNamespace(compilation_config=SimpleNamespace(
+        cudagraph_mode=CUDAGraphMode.NONE)))
+    with pytest.raises(ValueError, match=f"cudagraph_mode {mode}.*--enforce-eager"):
+        check_graphs(SimpleNamespace(compilation_config=SimpleNamespace(
+            cudagraph_mode=CUDAGraphMode[mode])))
+
+
+def test_serve_starts_cuda_engines_eager_unless_told_otherwise():
+    from sola_vllm.serving.serve import build_command
+
+    kwargs = {"model": "/m/SmolLM2", "hf_overrides": {}, "worker_extension_cls": "x",
+              "enforce_eager": True}
+    assert build_command(kwargs, "127.0.0.1", 8000, [])[-1] == "--enforce-eager"
+    chosen = build_command(kwargs, "127.0.0.1", 8000, ["-cc", '{"cudagraph_mode": "NONE"}'])
+    assert "--enforce-eager" not in chosen and chosen[-2:] == ["-cc", '{"cudagraph_mode": "NONE"}']
+    cpu = build_command({**kwargs, "enforce_eager": False}, "127.0.0.1", 8000, [])
+    assert "--enforce-eager" not in cpu
+    assert "--enforce-eager" not in build_command(kwargs, "127.0.0.1", 8000, ["-O3"])

@@ -48,9 +48,19 @@ def engine_kwargs(model_path: Path, serving: ServingConfig) -> dict:
     """What vLLM needs to build the plugin's model; also sets the prefix-cache guard."""
     os.environ[PREFIX_GUARD_ENV] = "1"
     # either model runner is hooked (V1 and Model Runner V2); vLLM picks it as usual
-    return {"model": str(model_path),
-            "hf_overrides": {"architectures": [serving.architecture], "sola": serving.to_dict()},
-            "worker_extension_cls": WORKER_EXTENSION}
+    kwargs = {"model": str(model_path),
+              "hf_overrides": {"architectures": [serving.architecture],
+                               "sola": serving.to_dict()},
+              "worker_extension_cls": WORKER_EXTENSION}
+    if _on_cuda():  # routing is not CUDA-graph-safe yet (models.check_graphs)
+        kwargs["enforce_eager"] = True
+    return kwargs
+
+
+def _on_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 class SolaLLM:
@@ -64,7 +74,8 @@ class SolaLLM:
         self.config = config or SolaConfig()
         self.serving = serving_config(self.model_path, self.config, max_edits=max_edits,
                                       max_keys=max_keys, max_rank=max_rank)
-        self.llm = LLM(**engine_kwargs(self.model_path, self.serving), **llm_kwargs)
+        # the caller's vLLM options win (enforce_eager included)
+        self.llm = LLM(**{**engine_kwargs(self.model_path, self.serving), **llm_kwargs})
 
     def close(self) -> None:
         """Stop the engine's processes now (instead of at interpreter exit)."""

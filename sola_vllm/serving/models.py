@@ -17,6 +17,18 @@ from .runner_support import check_runner, find_runner
 from .runtime import SolaRuntime
 
 
+def check_graphs(vllm_config) -> None:
+    """Routing and the LoRA apply read each step's request layout on the host (`runtime.step`):
+    a replayed CUDA graph would skip that and apply whatever the capture saw. Until the forward
+    is graph-safe, CUDA graphs are refused (sola-vllm serve and SolaLLM start CUDA engines with
+    enforce_eager; CPU engines have no CUDA graphs)."""
+    mode = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
+    if mode is not None and mode.name != "NONE":
+        raise ValueError(f"sola-vllm cannot route under CUDA graphs yet (cudagraph_mode "
+                         f"{mode.name}): start vLLM with --enforce-eager (sola-vllm serve and "
+                         "SolaLLM do so on CUDA unless told otherwise)")
+
+
 def init_sola(model, vllm_config) -> SolaRuntime:
     hf_config = vllm_config.model_config.hf_config
     config = ServingConfig.from_dict(dict(hf_config.sola))
@@ -28,6 +40,7 @@ def init_sola(model, vllm_config) -> SolaRuntime:
                          "now")
     if vllm_config.lora_config is not None:
         raise ValueError("sola-vllm applies its own LoRAs: leave vLLM's --enable-lora off")
+    check_graphs(vllm_config)
     check_runner(find_runner())  # before any weight is patched: fail at engine start
     arch = arch_for(config.model_type).name
     groups = lora_targets(model, arch, config.layers, config.modules)

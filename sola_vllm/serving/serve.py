@@ -48,6 +48,15 @@ _OWN_FLAGS = ("--hf-overrides", "--worker-extension-cls", "--api-server-count", 
               "--data-parallel-size", "-dp")
 
 
+# flags that choose eager mode or CUDA graphs: given, they replace the CUDA default of eager
+_GRAPH_FLAGS = ("--enforce-eager", "--no-enforce-eager", "--compilation-config", "-cc", "-O")
+
+
+def _chooses_graphs(arg: str) -> bool:
+    name = arg.split("=", 1)[0]
+    return name in _GRAPH_FLAGS or name.startswith(("-O", "-cc."))  # -O3, -cc.cudagraph_mode
+
+
 def check_passthrough(extra: list[str]) -> None:
     for arg in extra:
         name = arg.split("=", 1)[0]
@@ -101,6 +110,8 @@ def build_command(kwargs: dict, host: str, port: int, extra: list[str]) -> list[
            "--worker-extension-cls", kwargs["worker_extension_cls"]]
     if not any(a.split("=", 1)[0] == "--served-model-name" for a in extra):
         cmd += ["--served-model-name", Path(kwargs["model"]).name]
+    if kwargs.get("enforce_eager") and not any(_chooses_graphs(a) for a in extra):
+        cmd.append("--enforce-eager")
     return cmd + list(extra)
 
 
