@@ -117,8 +117,11 @@ def ordered_pair(run_config, run_plain, config_first: bool) -> tuple[dict, dict]
     return run_config(), base
 
 
-def warm(llm, prompts: list[str]) -> None:
-    measure(llm, prompts[:4], 4)
+def warm(llm, prompts: list[str], args) -> None:
+    """One unmeasured run of a full-size batch: an engine's first runs are slow (the first
+    configuration's plain-vLLM runs read 47.5 tok/s against 55 later, after a 4-prompt warm-up),
+    which made the first pair of a sweep read 1.08-1.19 for sola-vllm with no edit."""
+    measure(llm, prompts[: args.requests], args.max_tokens)
 
 
 def close(llm) -> None:
@@ -134,16 +137,27 @@ def routed_hits(sola) -> int:
     return sum(e["hits"] for e in sola.list_edits())  # servers from before that stat
 
 
-def sola_sweep(args, model: Path, questions, unrelated, run_plain, results: dict,
-               save) -> list:
-    from sola_vllm.config import EditConfig
+def start_sola(args, model: Path, unrelated, results: dict):
     from sola_vllm.serving.llm import SolaLLM
 
     top = max(args.edits)
     started = time.perf_counter()
     sola = SolaLLM(model, max_edits=max(top, 1), max_keys=max(top, 1), **ENGINE)
     results["startup_sola_s"] = time.perf_counter() - started
-    warm(sola.llm, unrelated)
+    warm(sola.llm, unrelated, args)
+    return sola
+
+
+def plain_on(plain, args):
+    """Plain vLLM on the configuration's own prompts (routed ones included: they are ordinary
+    questions to an engine without edits), so each pair compares the same work."""
+    return lambda batch: measure(plain, batch, args.max_tokens)
+
+
+def sola_sweep(args, sola, questions, unrelated, run_plain, results: dict, save) -> list:
+    from sola_vllm.config import EditConfig
+
+    top = max(args.edits)
     prompts = edit_prompts(top, questions)
     rank = EditConfig().rank
     resident, kept = 0, []
@@ -164,7 +178,8 @@ def sola_sweep(args, model: Path, questions, unrelated, run_plain, results: dict
             expected = sum(p in resident_prompts for p in batch)
             before = routed_hits(sola)
             paired(f"sola_{count}_edits_{percent}pct_routed",
-                   lambda b=batch: measure(sola.llm, b, args.max_tokens), run_plain, results,
+                   lambda b=batch: measure(sola.llm, b, args.max_tokens),
+                   lambda b=batch: run_plain(b), results,
                    {"edits": count, "routed_percent": percent, "expected_routed": expected},
                    args.repeats)
             got = (routed_hits(sola) - before) // args.repeats
@@ -194,14 +209,14 @@ def lora_sweep(args, model: Path, edits, unrelated, run_plain, results: dict, sa
     llm = LLM(model=str(model), enable_lora=True, max_lora_rank=max(e.rank for e in edits),
               max_loras=min(len(edits), args.max_loras), max_cpu_loras=len(edits), **ENGINE)
     results["startup_lora_s"] = time.perf_counter() - started
-    warm(llm, unrelated)
+    warm(llm, unrelated, args)
     prompts = [e.prompts[0] for e in edits]
     for percent in args.routed:
         batch = mix(prompts, unrelated, args.requests, percent)
         loras = [adapters.get(p) for p in batch]
         measure(llm, batch, 2, loras)  # loads the adapters from disk: not part of serving
         paired(f"vllm_lora_{len(edits)}_adapters_{percent}pct", lambda b=batch, q=loras:
-               measure(llm, b, args.max_tokens, q), run_plain, results,
+               measure(llm, b, args.max_tokens, q), lambda b=batch: run_plain(b), results,
                {"edits": len(edits), "routed_percent": percent,
                 "max_loras": min(len(edits), args.max_loras)}, args.repeats)
         save()
@@ -215,16 +230,16 @@ def offline(args, results: dict, save) -> None:
 
     model = fetch_default_model(progress=False)
     questions, unrelated = zsre_prompts()
+    # creation order is a choice: with both engines alive, the one made first may run
+    # differently (an A/A pair read 1.08-1.19 with plain vLLM made first)
+    sola = start_sola(args, model, unrelated, results) if args.sola_first else None
     started = time.perf_counter()
     plain = LLM(model=str(model), **ENGINE)
     results["startup_plain_s"] = time.perf_counter() - started
-    warm(plain, unrelated)
-    plain_prompts = unrelated[: args.requests]
-
-    def run_plain() -> dict:
-        return measure(plain, plain_prompts, args.max_tokens)
-
-    kept = sola_sweep(args, model, questions, unrelated, run_plain, results, save)
+    warm(plain, unrelated, args)
+    run_plain = plain_on(plain, args)
+    sola = sola or start_sola(args, model, unrelated, results)
+    kept = sola_sweep(args, sola, questions, unrelated, run_plain, results, save)
     if args.lora_adapters:
         lora_sweep(args, model, kept, unrelated, run_plain, results, save)
     close(plain)
@@ -245,6 +260,8 @@ def main() -> int:
                         help="vLLM's max_loras: distinct adapters in one batch")
     parser.add_argument("--repeats", type=int, default=1,
                         help="pairs per configuration (the median pair is reported)")
+    parser.add_argument("--sola-first", action="store_true",
+                        help="offline: start the sola-vllm engine before plain vLLM's")
     parser.add_argument("--http-edits", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--quick", action="store_true",
