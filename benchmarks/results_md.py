@@ -134,8 +134,9 @@ def throughput_section(data: dict | None) -> list[str]:
     args = data.get("args", {})
     out += machine_lines(data)
     out += [f"{args.get('requests')} requests x {args.get('max_tokens')} output tokens "
-            "(greedy, `ignore_eos`), bf16, eager. Every configuration is measured, then plain "
-            "vLLM right after it; ratios are within each pair.", ""]
+            "(greedy, `ignore_eos`), bf16, eager. Every configuration is measured in pairs with "
+            "plain vLLM on the same prompts, alternating which runs first; ratios are within "
+            "each pair.", ""]
     targets = load("serving_throughput_targets.json")
     if targets and targets.get("offline"):
         out += ["### The targets, with repeated pairs", "",
@@ -145,7 +146,9 @@ def throughput_section(data: dict | None) -> list[str]:
                 "pair varies by several percent on this machine).", "",
                 *target_rows(targets["offline"]), "", *config_rows(targets["offline"]), ""]
     if data.get("offline"):
-        out += ["### Offline (`LLM` engine)", "",
+        note = f" Note: {data['note']}." if data.get("note") else ""
+        out += ["### Offline (`LLM` engine), up to 10,000 edits", "",
+                f"`{data.get('command')}`.{note}", "",
                 *target_rows(data["offline"]), "", *config_rows(data["offline"]), ""]
         adds = {k: v for k, v in data["offline"].items() if k.startswith("add_")}
         if adds:
