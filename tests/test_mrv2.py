@@ -200,6 +200,8 @@ def test_check_runner_refuses_a_runner_it_cannot_hook(v1_hooks):
 
 
 def test_the_model_build_finds_its_runner_and_refuses_an_unknown_one(v1_hooks):
+    from vllm.config import CUDAGraphMode
+
     from sola_vllm.serving.models import init_sola
     from sola_vllm.serving.runner_support import UnsupportedRunnerError, find_runner
 
@@ -211,7 +213,9 @@ def test_the_model_build_finds_its_runner_and_refuses_an_unknown_one(v1_hooks):
     found = []
     config = SimpleNamespace(
         model_config=SimpleNamespace(hf_config=SimpleNamespace(sola={})),
-        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
+        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1,
+                                        data_parallel_size=1),
+        compilation_config=SimpleNamespace(cudagraph_mode=CUDAGraphMode.NONE),
         lora_config=None)
     runner = XPUModelRunner()
     with mock.patch("sola_vllm.serving.models.ServingConfig.from_dict"), \
