@@ -69,9 +69,9 @@ class SolaWorkerExtension:
     @_result
     def sola_load_checked(self, artifact: bytes, capture_ids: list, probes: list,
                           probe_capture_ids: list) -> dict:
-        """Load an edit unrouted and return its pre-flight report with it (`sola_add_edit`
-        then `sola_preflight`, in one call: an add under load waits for one engine step, not
-        two). All or nothing: an edit whose check fails is unloaded again."""
+        """Load an edit unrouted and return its pre-flight report (its keys against the routed
+        edits', the probes routed), in one call so an add under load waits for one engine step.
+        All or nothing: an edit whose check fails is unloaded again."""
         runtime = self._sola()
         probe_keys = runtime.take_captures(list(probe_capture_ids)) if probe_capture_ids else None
         (summary,) = _add_edits(runtime, [artifact], [capture_ids], False)
@@ -97,13 +97,6 @@ class SolaWorkerExtension:
     def sola_set_state(self, edit_id: str, state: str) -> dict:
         """Route a loaded edit by its lifecycle state (active, canary, staged, revoked)."""
         return self._sola().set_state(str(edit_id), str(state))
-
-    @_result
-    def sola_preflight(self, edit_id: str, probes: list, probe_capture_ids: list) -> dict:
-        """The pre-flight report of a loaded (not yet routed) edit, its probes' keys captured."""
-        runtime = self._sola()
-        probe_keys = runtime.take_captures(list(probe_capture_ids)) if probe_capture_ids else None
-        return runtime.preflight(runtime.loaded_group(str(edit_id)), list(probes), probe_keys)
 
     @_result
     def sola_check_captured(self, name: str, prompts: list, capture_ids: list, probes: list,
