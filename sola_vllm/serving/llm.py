@@ -52,12 +52,12 @@ def engine_kwargs(model_path: Path, serving: ServingConfig) -> dict:
               "hf_overrides": {"architectures": [serving.architecture],
                                "sola": serving.to_dict()},
               "worker_extension_cls": WORKER_EXTENSION}
-    if _on_cuda():  # routing is not CUDA-graph-safe yet (models.check_graphs)
+    if on_cuda():  # routing is not CUDA-graph-safe yet (models.check_graphs)
         kwargs["enforce_eager"] = True
     return kwargs
 
 
-def _on_cuda() -> bool:
+def on_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()

@@ -38,7 +38,7 @@ from ..store import EditStore
 from .access import ADMIN_TOKEN_ENV, AccessConfig
 from .audit import AUDIT_ENV
 from .config import ServingConfig
-from .llm import engine_kwargs, serving_config
+from .llm import engine_kwargs, on_cuda, serving_config
 from .manager import CONFIG_ENV, MODEL_ENV, STORE_ENV
 
 SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
@@ -117,8 +117,6 @@ def build_command(kwargs: dict, host: str, port: int, extra: list[str]) -> list[
 
 def prepare(args, extra: list[str]) -> tuple[list[str], dict]:
     """The command line and environment that `serve` execs (also used by the tests)."""
-    import torch
-
     from ..commands import config_for_store, load_config
     from ..models import resolve_model
 
@@ -133,7 +131,7 @@ def prepare(args, extra: list[str]) -> tuple[list[str], dict]:
                              canary_fraction=getattr(args, "canary_fraction", 0.0))
     check_store(store, serving)
     kwargs = engine_kwargs(model_path, serving)
-    env = build_env(store.path, model_path, config, cpu=not torch.cuda.is_available())
+    env = build_env(store.path, model_path, config, cpu=not on_cuda())
     env.pop(ADMIN_TOKEN_ENV, None)  # an empty one from the environment means no token
     env.update(access)
     return build_command(kwargs, args.host, args.port, extra), env
