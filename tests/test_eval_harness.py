@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from sola_vllm.cli import main
-from sola_vllm.eval.harness import EvalConfig, edits_dir, run
+from sola_vllm.eval.harness import EvalConfig, edits_dir, revoked_routes, run
 from sola_vllm.eval.methods import build_methods
 from sola_vllm.eval.outcomes import Outcomes
 
@@ -42,6 +42,7 @@ def test_edits_stick_stay_local_and_roll_back_exactly(first_run):
     assert all(row["routing"] is None and row["locality"] == 1.0 for row in base["checkpoints"])
     rollback = sola["rollback"]
     assert rollback["revoked"] == 1 and rollback["revoked_exact"] == 1.0
+    assert rollback["revoked_routes"]["none"] == 1.0 and rollback["revoked_exact_unshadowed"] == 1.0
     assert rollback["kept_reliability_em"] == rollback["kept_reliability_em_before"] == 1.0
     assert rollback["locality"] == rollback["locality_before"]
     # distances: each edit prompt sits on its own key, unrelated prompts far away
@@ -123,3 +124,21 @@ def test_base_outputs_are_never_taken_from_a_routed_engine(tmp_path, fresh_edits
     assert cache.greedy(engine, "v", [prompt], [4], ["rome"]) != [base]
     assert cache.route_mismatches == 0 and engine.active == {"rome"}
     cache.close()
+
+
+def test_revoked_routes_tell_siblings_from_rollback_bugs():
+    from sola_vllm.eval.data import EditCase
+
+    def case(cid, subject):
+        return EditCase(id=cid, prompt=f"Q {cid}?", target="t", subject=subject, split="test")
+
+    a, b, c, d, e = (case("a", "X"), case("b", "X"), case("c", "Y"), case("d", "Z"),
+                     case("e", "Z"))
+    by_id = {x.id: x for x in (a, b, c, d, e)}
+    revoked = {"a", "c", "d", "e"}
+    routes = {"Q a?": ("b", 0.001),  # a kept edit of the same subject: a sibling
+              "Q c?": (None, 0.5),
+              "Q d?": ("e", 0.002),  # another revoked edit: a rollback bug
+              "Q e?": ("b", 0.003)}  # a kept edit of another subject
+    assert revoked_routes([a, c, d, e], by_id, revoked, routes) == [
+        "kept_sibling", "none", "revoked", "kept_other"]

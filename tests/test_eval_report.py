@@ -33,7 +33,10 @@ def make_report() -> dict:
         "name": "sola", "description": "one LoRA per edit, last-token keys",
         "router": {"metric": "l2", "threshold": 0.4321, "keys": "last"},
         "checkpoints": [_checkpoint(T, 0.9 - i / 50, routing) for i, T in enumerate(ts)],
-        "rollback": {"T": 100, "revoked": 50, "revoked_exact": 1.0, "kept": 50,
+        "rollback": {"T": 100, "revoked": 50, "revoked_exact": 0.98, "kept": 50,
+                     "revoked_exact_unshadowed": 1.0,
+                     "revoked_routes": {"none": 0.98, "revoked": 0.0, "kept_sibling": 0.02,
+                                        "kept_other": 0.0},
                      "kept_reliability_em": 0.87, "kept_reliability_em_before": 0.88,
                      "locality": 0.99, "locality_before": 0.98},
         # zeros (exact key matches) and a span over 2 decades: log bins with a clamped floor
@@ -127,7 +130,8 @@ def test_rollback_and_routing_tables(report):
     md = rp.render_markdown(report)
     rollback = _rows(_section(md, "Rollback"), ("sola", "100"))
     assert len(rollback) == 1
-    assert rollback[0][3] == "1.000" and rollback[0][5] == "0.880 → 0.870"
+    assert rollback[0][3:7] == ["0.980", "0.020", "0.000", "1.000"]
+    assert rollback[0][8] == "0.880 → 0.870"
     assert not _rows(_section(md, "Rollback"), ("base",))  # only methods with a rollback
     routing = _section(md, "Routing")
     row = _rows(routing, ("100", "sola"))[0]

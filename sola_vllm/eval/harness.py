@@ -316,6 +316,7 @@ class Probe:
             routes = self.routes([c.prompt for c in cases] + [p for c in cases for p in c.locality],
                                  True)
             exact = self.unchanged(variant, [c.prompt for c in gone], routes)
+            where = revoked_routes(gone, {c.id: c for c in stream}, revoked, routes)
             kept_s = self.answers(variant, [(c.prompt, c.target) for c in kept], routes)
             kept_before = self.answers(variant, [(c.prompt, c.target) for c in kept],
                                        routes_before)
@@ -323,10 +324,37 @@ class Probe:
         finally:
             engine.set_active([c.id for c in stream])
         return {"T": len(stream), "revoked": len(revoked), "revoked_evaluated": len(gone),
-                "revoked_exact": _mean(exact), "kept": len(kept),
+                "revoked_exact": _mean(exact),
+                "revoked_exact_unshadowed": _mean(e for e, w in zip(exact, where, strict=True)
+                                                  if w != "kept_sibling"),
+                "revoked_routes": {w: _mean(x == w for x in where) for w in REVOKED_ROUTES},
+                "kept": len(kept),
                 "kept_reliability_em": _mean(s["em"] for s in kept_s),
                 "kept_reliability_em_before": _mean(s["em"] for s in kept_before),
                 "locality": _mean(loc), "locality_before": before_rows["locality"]}
+
+
+REVOKED_ROUTES = ("none", "revoked", "kept_sibling", "kept_other")
+
+
+def revoked_routes(gone: list[EditCase], by_id: dict[str, EditCase], revoked: set[str],
+                   routes) -> list[str]:
+    """Where each revoked edit's prompt routes once revoked: to no edit, to a revoked edit (a
+    rollback bug), to a kept edit of the same subject (a sibling: in zsRE, another record of
+    the same subject and question, with its own answer, which rightly answers the prompt), or
+    to a kept edit of another subject."""
+    where = []
+    for case in gone:
+        target = routes[case.prompt][0]
+        if target is None:
+            where.append("none")
+        elif target == case.id or target in revoked:
+            where.append("revoked")
+        elif by_id[target].subject == case.subject:
+            where.append("kept_sibling")
+        else:
+            where.append("kept_other")
+    return where
 
 
 def _bar(progress, total: int, desc: str):
