@@ -129,16 +129,19 @@ def test_base_outputs_are_never_taken_from_a_routed_engine(tmp_path, fresh_edits
 def test_revoked_routes_tell_siblings_from_rollback_bugs():
     from sola_vllm.eval.data import EditCase
 
-    def case(cid, subject):
-        return EditCase(id=cid, prompt=f"Q {cid}?", target="t", subject=subject, split="test")
+    def case(cid, subject, relation=""):
+        return EditCase(id=cid, prompt=f"Q {cid}?", target="t", subject=subject, split="test",
+                        relation=relation)
 
     a, b, c, d, e = (case("a", "X"), case("b", "X"), case("c", "Y"), case("d", "Z"),
                      case("e", "Z"))
-    by_id = {x.id: x for x in (a, b, c, d, e)}
-    revoked = {"a", "c", "d", "e"}
+    f, g = case("f", "W", "P17"), case("g", "W", "P19")
+    by_id = {x.id: x for x in (a, b, c, d, e, f, g)}
+    revoked = {"a", "c", "d", "e", "f"}
     routes = {"Q a?": ("b", 0.001),  # a kept edit of the same subject: a sibling
               "Q c?": (None, 0.5),
               "Q d?": ("e", 0.002),  # another revoked edit: a rollback bug
-              "Q e?": ("b", 0.003)}  # a kept edit of another subject
-    assert revoked_routes([a, c, d, e], by_id, revoked, routes) == [
-        "kept_sibling", "none", "revoked", "kept_other"]
+              "Q e?": ("b", 0.003),  # a kept edit of another subject
+              "Q f?": ("g", 0.004)}  # same subject, another relation: not a sibling
+    assert revoked_routes([a, c, d, e, f], by_id, revoked, routes) == [
+        "kept_sibling", "none", "revoked", "kept_other", "kept_other"]

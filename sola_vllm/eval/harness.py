@@ -340,9 +340,9 @@ REVOKED_ROUTES = ("none", "revoked", "kept_sibling", "kept_other")
 def revoked_routes(gone: list[EditCase], by_id: dict[str, EditCase], revoked: set[str],
                    routes) -> list[str]:
     """Where each revoked edit's prompt routes once revoked: to no edit, to a revoked edit (a
-    rollback bug), to a kept edit of the same subject (a sibling: in zsRE, another record of
-    the same subject and question, with its own answer, which rightly answers the prompt), or
-    to a kept edit of another subject."""
+    rollback bug), to a kept edit of the same subject and relation (a sibling: in zsRE, another
+    record of the same subject and question, with its own answer, which rightly answers the
+    prompt; zsRE names no relation, so there the subject decides), or to another kept edit."""
     where = []
     for case in gone:
         target = routes[case.prompt][0]
@@ -350,7 +350,7 @@ def revoked_routes(gone: list[EditCase], by_id: dict[str, EditCase], revoked: se
             where.append("none")
         elif target == case.id or target in revoked:
             where.append("revoked")
-        elif by_id[target].subject == case.subject:
+        elif (by_id[target].subject, by_id[target].relation) == (case.subject, case.relation):
             where.append("kept_sibling")
         else:
             where.append("kept_other")
