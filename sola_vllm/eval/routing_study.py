@@ -7,6 +7,9 @@ anchored at the subject's last token, matched against every prompt token of the 
 Edits are the dev split; negatives are the unrelated locality prompts and the test split's edit
 prompts (hard negatives: the same style, other subjects). The threshold is set so that `--keep`
 of all negatives stay unrouted; hit and false-fire rates are read at that threshold.
+`--transforms center,whiten` also measures keys and queries mapped by statistics of background
+prompts (the test split's other prompts), to see whether the shared component of all prompts
+is what hides paraphrases (zsRE dev: it is not; see `benchmarks/results/routing_study_*.json`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,26 @@ from .data import EditCase, load, one_per_subject
 from .states import residual_states, subject_token
 
 MODES = ("last", "subject", "mean", "mean1")
+TRANSFORMS = ("raw", "center", "whiten")
+WHITEN_SHRINK = 0.01  # ridge on the covariance, as a share of its mean eigenvalue
+
+
+def fit_transform(rows: torch.Tensor, kind: str):
+    """A map applied to keys and queries alike before the distance, fitted on `rows` [n, d]
+    (background prompts, disjoint from edits and negatives): `raw` (identity), `center`
+    (subtract the background mean: the component every prompt shares), `whiten` (center, then
+    scale each principal direction of the background to unit variance, with a small ridge)."""
+    if kind not in TRANSFORMS:
+        raise ValueError(f"transform {kind!r} is not one of {TRANSFORMS}")
+    if kind == "raw":
+        return lambda x: x
+    mean = rows.mean(dim=0)
+    if kind == "center":
+        return lambda x: x - mean
+    evals, evecs = torch.linalg.eigh(torch.cov((rows - mean).T))
+    evals = evals.clamp_min(0) + WHITEN_SHRINK * evals.mean()
+    w = evecs @ torch.diag(evals.rsqrt()) @ evecs.T
+    return lambda x: (x - mean) @ w
 
 
 def query_rows(s: torch.Tensor, mode: str) -> torch.Tensor:
@@ -40,11 +63,13 @@ def query_rows(s: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 def nearest(states: list[torch.Tensor], keys: torch.Tensor, metric: str,
-            mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query: (index of the nearest key, its distance)."""
+            mode: str, transform=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query: (index of the nearest key, its distance); `transform` maps query rows into
+    the keys' space (keys are passed already mapped)."""
     idx, dist = [], []
     for s in states:
         q = query_rows(s, mode)
+        q = transform(q) if transform is not None else q
         d = pairwise_distance_ref(q, keys, metric).min(dim=0).values  # [N]
         best = int(d.argmin())
         idx.append(best)
@@ -53,14 +78,19 @@ def nearest(states: list[torch.Tensor], keys: torch.Tensor, metric: str,
 
 
 def study(engine, cases: list[EditCase], hard: list[str], layers: list[int],
-          metrics: list[str], keep: float, modes=MODES) -> list[dict]:
-    """`hard`: prompts in the edits' own style about other subjects (the other split's)."""
+          metrics: list[str], keep: float, modes=MODES, transforms=("raw",),
+          background: list[str] = ()) -> list[dict]:
+    """`hard`: prompts in the edits' own style about other subjects (the other split's);
+    `background`: prompts the `center`/`whiten` transforms are fitted on."""
+    if any(t != "raw" for t in transforms) and not background:
+        raise ValueError("the center and whiten transforms need background prompts")
     groups = {
         "prompt": [c.prompt for c in cases],
         "paraphrase": [p for c in cases for p in c.paraphrases[:1]],
         "other_relation": [p for c in cases for p in c.other_relation[:1]],
         "locality": [c.locality[0] for c in cases if c.locality],
         "hard_negative": hard,
+        "background": list(background),
     }
     owner = {"prompt": list(range(len(cases))),
              "paraphrase": [i for i, c in enumerate(cases) for _ in c.paraphrases[:1]]}
@@ -74,17 +104,21 @@ def study(engine, cases: list[EditCase], hard: list[str], layers: list[int],
         for g, n in sizes.items():
             by_group[g] = [s[layer] for s in states[offset:offset + n]]
             offset += n
-        for mode in modes:
+        for mode, kind in ((m, k) for m in modes for k in transforms):
             if mode == "subject":
                 keys = torch.stack([s[p] for s, p in zip(by_group["prompt"], anchor, strict=True)])
             else:
                 keys = torch.cat([query_rows(s, mode) for s in by_group["prompt"]])
+            fit_rows = [query_rows(s, mode) for s in by_group["background"]]
+            transform = fit_transform(torch.cat(fit_rows) if fit_rows else keys, kind)
+            keys = transform(keys)
             for metric in metrics:
-                res = {g: nearest(v, keys, metric, mode) for g, v in by_group.items()
-                       if v}
+                res = {g: nearest(v, keys, metric, mode, transform) for g, v in by_group.items()
+                       if v and g != "background"}
                 negatives = torch.cat([res[g][1] for g in ("locality", "hard_negative")])
                 tau = float(torch.quantile(negatives, 1 - keep))
-                row = {"layer": layer, "mode": mode, "metric": metric, "threshold": tau}
+                row = {"layer": layer, "mode": mode, "transform": kind, "metric": metric,
+                       "threshold": tau}
                 for g in ("prompt", "paraphrase"):
                     idx, dist = res[g]
                     own = torch.tensor(owner[g])
@@ -94,6 +128,7 @@ def study(engine, cases: list[EditCase], hard: list[str], layers: list[int],
                     row[f"{g}_hit_own"] = float((routed & (idx == own)).float().mean())
                     row[f"{g}_hit_same_answer"] = float((routed & same_target).float().mean())
                     row[f"{g}_routed"] = float(routed.float().mean())
+                    row[f"{g}_nearest_own"] = float((idx == own).float().mean())
                 for g in ("other_relation", "locality", "hard_negative"):
                     if g in res:
                         row[f"{g}_false_fire"] = float((res[g][1] < tau).float().mean())
@@ -111,6 +146,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", default="4,8,12,16,20,24,28")
     p.add_argument("--metrics", default="cosine,l2")
     p.add_argument("--modes", default=",".join(MODES), help=f"key modes, from {MODES}")
+    p.add_argument("--transforms", default="raw",
+                   help=f"key-space maps, from {TRANSFORMS}, fitted on --background prompts")
+    p.add_argument("--background", type=int, default=1000,
+                   help="background prompts for center/whiten: the test split's prompts past "
+                        "the hard negatives, then its locality prompts")
     p.add_argument("--keep", type=float, default=0.99, help="share of negatives left unrouted")
     p.add_argument("--one-per-subject", action="store_true")
     p.add_argument("--hard", type=int, default=500, help="hard negatives (test-split prompts)")
@@ -121,12 +161,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.one_per_subject:
         cases = one_per_subject(cases)
     cases = [c for c in cases if c.paraphrases]
-    hard = [c.prompt for c in data.split("test")][:args.hard]
+    test = data.split("test")
+    hard = [c.prompt for c in test][:args.hard]
+    transforms = args.transforms.split(",")
+    background = []
+    if any(t != "raw" for t in transforms):
+        background = ([c.prompt for c in test][args.hard:]
+                      + [p for c in test for p in c.locality[:1]])[:args.background]
     engine = RoutedEngine.from_pretrained(args.model)
     started = time.perf_counter()
     rows = study(engine, cases, hard, [int(x) for x in args.layers.split(",")],
-                 args.metrics.split(","), args.keep, args.modes.split(","))
+                 args.metrics.split(","), args.keep, args.modes.split(","), transforms,
+                 background)
     report = {"data": data.name, "split": "dev", "edits": len(cases), "hard_negatives": len(hard),
+              "background": len(background),
               "keep": args.keep, "one_per_subject": args.one_per_subject,
               "seconds": round(time.perf_counter() - started, 1), "rows": rows}
     if args.out:
