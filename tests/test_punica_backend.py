@@ -241,6 +241,22 @@ def test_an_engine_asked_for_punica_on_cpu_refuses_to_start():
         SolaRuntime(config("punica"), HIDDEN, GROUPS, 64, kernels=(None, None))
 
 
+def test_serve_takes_apply_and_refuses_punica_before_vllm_starts_without_cuda(monkeypatch):
+    from sola_vllm.cli import build_parser
+    from sola_vllm.serving import serve
+
+    parse = build_parser().parse_known_args
+    assert parse(["serve"])[0].apply == "auto"
+    assert parse(["serve", "--apply", "punica"])[0].apply == "punica"
+    with pytest.raises(SystemExit):  # argparse: "invalid choice"
+        parse(["serve", "--apply", "triton"])
+    monkeypatch.setattr(serve, "on_cuda", lambda: False)
+    with pytest.raises(ValueError, match="--apply punica cannot run here: the model runs on cpu"):
+        serve.check_apply("punica")
+    serve.check_apply("auto")
+    serve.check_apply("torch")
+
+
 # --- (e) the start-up self-check -------------------------------------------------------------
 def test_the_self_check_passes_and_leaves_every_slot_empty(kernels):
     runtime = punica_runtime(kernels)

@@ -42,8 +42,11 @@ def punica_blocker(device: torch.device | str, dtype: torch.dtype,
     kernels in Triton's interpreter) are the caller's word that they run on `device`."""
     if dtype not in KERNEL_DTYPES:
         return f"the model dtype is {dtype}; vLLM's LoRA kernels need float16 or bfloat16"
-    if injected:
-        return None
+    return None if injected else host_blocker(device)
+
+
+def host_blocker(device: torch.device | str) -> str | None:
+    """Why vLLM's LoRA kernels cannot run on `device` whatever the model dtype, or None."""
     if torch.device(device).type != "cuda":
         return f"the model runs on {torch.device(device)}; vLLM's LoRA kernels need CUDA"
     if not has_triton():
