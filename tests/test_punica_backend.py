@@ -257,6 +257,43 @@ def test_serve_takes_apply_and_refuses_punica_before_vllm_starts_without_cuda(mo
     serve.check_apply("torch")
 
 
+def fake_engine(monkeypatch, apply: str, dtype: torch.dtype):
+    """init_sola's inputs without a vLLM model: the runner check and the patching are stubbed,
+    the model is one CPU parameter, the edited linear is GROUPS' down_proj."""
+    from types import SimpleNamespace
+
+    from sola_vllm.serving import models
+
+    monkeypatch.setattr(models, "check_runner", lambda runner: None)
+    monkeypatch.setattr(models, "find_runner", lambda: None)
+    monkeypatch.setattr(models, "lora_targets", lambda *a: {"0.mlp.down_proj": GROUPS[2]})
+    monkeypatch.setattr(models, "patch_model", lambda *a: None)
+    sola = ServingConfig.from_shape(EditShape("llama", 1, (0,), ("mlp.down_proj",), 8, 1.0),
+                                    "llama", "m" * 64, apply=apply).to_dict()
+    vllm_config = SimpleNamespace(
+        model_config=SimpleNamespace(hf_config=SimpleNamespace(sola=sola, hidden_size=HIDDEN),
+                                     dtype=dtype, max_model_len=32),
+        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1,
+                                        data_parallel_size=1),
+        scheduler_config=SimpleNamespace(max_num_batched_tokens=16, max_num_seqs=4),
+        lora_config=None, compilation_config=SimpleNamespace())
+    return models.init_sola, torch.nn.Linear(2, 2), vllm_config
+
+
+def test_engine_start_passes_the_models_dtype_and_device(monkeypatch):
+    init_sola, model, vllm_config = fake_engine(monkeypatch, "punica", DTYPE)
+    with pytest.raises(ValueError, match="apply 'punica' cannot run here: the model runs on cpu"):
+        init_sola(model, vllm_config)
+    from sola_vllm.serving import models
+
+    init_sola, model, vllm_config = fake_engine(monkeypatch, "auto", DTYPE)
+    seen, real = {}, models.SolaRuntime
+    monkeypatch.setattr(models, "SolaRuntime", lambda *a, **kw: seen.update(kw) or real(*a, **kw))
+    runtime = init_sola(model, vllm_config)
+    assert seen == {"dtype": DTYPE, "device": torch.device("cpu"), "max_seqs": 4}
+    assert isinstance(runtime.lora, LoraStacks) and runtime.tok_slot.shape == (32,)
+
+
 # --- (e) the start-up self-check -------------------------------------------------------------
 def test_the_self_check_passes_and_leaves_every_slot_empty(kernels):
     runtime = punica_runtime(kernels)
