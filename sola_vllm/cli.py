@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import commands
+from .serving.config import APPLY_BACKENDS
 
 
 class CliError(Exception):
@@ -106,6 +107,10 @@ def _add_serve(sub) -> None:
     serve.add_argument("--canary-fraction", type=float, default=0.0,
                        help="share of requests (by request id hash) routed to canary edits "
                             "besides those that opt in with vllm_xargs sola_canary (default 0)")
+    serve.add_argument("--apply", choices=APPLY_BACKENDS, default="auto",
+                       help="how routed LoRA deltas are added: punica = vLLM's Triton LoRA "
+                            "kernels (CUDA, float16/bfloat16 models), torch = the plugin's fp32 "
+                            "path (any device); auto (default): punica where it can run")
     _add_model(serve)
     serve.add_argument("--admin-token", default=None,
                        help="token the /v1/sola/ routes require in X-Sola-Admin-Token (default: "

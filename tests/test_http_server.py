@@ -246,12 +246,14 @@ def test_serve_execs_vllm_with_the_plugin(tmp_path):
     from sola_vllm.serving.serve import SERVER_MODULE, prepare
 
     args, extra = build_parser().parse_known_args(
-        ["serve", "--store", str(tmp_path / "s"), "--max-edits", "3", "--dtype", "float32"])
+        ["serve", "--store", str(tmp_path / "s"), "--max-edits", "3", "--apply", "torch",
+         "--dtype", "float32"])
     cmd, env = prepare(args, extra)
     assert cmd[1:3] == ["-m", SERVER_MODULE] and cmd[-2:] == ["--dtype", "float32"]
     overrides = json.loads(cmd[cmd.index("--hf-overrides") + 1])
     assert overrides["architectures"] == ["SolaLlamaForCausalLM"]
     assert overrides["sola"]["max_edits"] == 3
+    assert overrides["sola"]["apply"] == "torch"
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
     assert {"sola", "sola_api"} <= set(env["VLLM_PLUGINS"].split(","))
     assert env["SOLA_VLLM_STORE"] == str((tmp_path / "s").resolve())

@@ -3,21 +3,20 @@ through vLLM's Triton `lora_shrink`/`lora_expand` against `apply_punica_ref` and
 
 On the CPU wheel vLLM disables Triton (`vllm.triton_utils.importing`: "Triton is installed, but
 doesn't include CPU backend", so HAS_TRITON is False and `triton.jit` is a no-op placeholder);
-`torch.ops.vllm.lora_shrink` exists but cannot launch. `_interpreted_vllm_ops` re-executes vLLM's
-own kernel sources with the real triton so they run in Triton's interpreter (TRITON_INTERPRET=1,
-tests/conftest.py), with small tiles to stay fast. bf16 is GPU-only: the interpreter returns
-garbage (~1e11) for these kernels in bf16 while fp16 is exact. On a CUDA machine:
+`torch.ops.vllm.lora_shrink` exists but cannot launch. `interpreted_kernels.interpreted_vllm_ops`
+re-executes vLLM's own kernel sources with the real triton so they run in Triton's interpreter
+(TRITON_INTERPRET=1, tests/conftest.py), with small tiles to stay fast. bf16 is GPU-only: the
+interpreter returns garbage (~1e11) for these kernels in bf16 while fp16 is exact. On a CUDA
+machine:
 `TRITON_INTERPRET=0 pytest tests/test_punica_apply.py` also runs the `gpu` tests.
 """
 
-import contextlib
-import importlib.util
 import os
-import sys
 
 import pytest
 import torch
 from helpers import make_synthetic_edit
+from interpreted_kernels import clear_pointer_caches, interpreted_vllm_ops
 
 from sola_vllm.arch import EditShape
 from sola_vllm.serving.config import ServingConfig
@@ -172,77 +171,18 @@ def test_stacks_write_in_place_fold_the_scale_and_zero_pad():
 
 
 # --- apply through vLLM's kernels ------------------------------------------------------------
-def _small_tiles(op_type, *args, **kwargs):
-    """Interpreter-sized tiles (split-K 2 keeps the atomic-add path); the GPU uses vLLM's."""
-    if op_type == "shrink":
-        return dict(block_m=16, block_n=16, block_k=32, split_k=2, num_warps=4, num_ctas=1,
-                    group_size_m=8, num_stages=2, max_nreg=None)
-    return dict(block_m=16, block_n=32, block_k=16, num_warps=4, num_ctas=1, num_stages=2,
-                max_nreg=None)
-
-
-@contextlib.contextmanager
-def _patched(obj, **attrs):
-    old = {k: getattr(obj, k) for k in attrs}
-    for k, v in attrs.items():
-        setattr(obj, k, v)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            setattr(obj, k, v)
-
-
-def _interpreted_vllm_ops(small_tiles: bool):
-    """vLLM's `_lora_shrink`/`_lora_expand` re-executed from their source files with the real
-    triton (the installed modules hold placeholder-decorated functions). Registration is
-    skipped through the modules' own `except AttributeError` fallback; sys.modules and
-    `vllm.triton_utils` are restored afterwards."""
-    import triton
-    import triton.language as tl
-    import vllm.lora.ops.triton_ops as pkg
-    import vllm.triton_utils as triton_utils
-    import vllm.utils.torch_utils as torch_utils
-
-    def skip_registration(*args, **kwargs):
-        raise AttributeError("not registered: interpreter copy")
-
-    names = ["kernel_utils", "lora_shrink_op", "lora_expand_op"]
-    saved = {n: sys.modules[f"{pkg.__name__}.{n}"] for n in names}
-    mods = {}
-    try:
-        with _patched(triton_utils, triton=triton, tl=tl), \
-                _patched(torch_utils, direct_register_custom_op=skip_registration):
-            for n in names:
-                full = f"{pkg.__name__}.{n}"
-                spec = importlib.util.spec_from_file_location(
-                    full, os.path.join(os.path.dirname(pkg.__file__), f"{n}.py"))
-                mods[n] = importlib.util.module_from_spec(spec)
-                sys.modules[full] = mods[n]  # so lora_*_op import this kernel_utils copy
-                spec.loader.exec_module(mods[n])
-    finally:
-        sys.modules.update(saved)
-    if small_tiles:
-        for n in ("lora_shrink_op", "lora_expand_op"):
-            mods[n].get_lora_op_configs = _small_tiles
-    return mods["lora_shrink_op"].lora_shrink, mods["lora_expand_op"].lora_expand
 
 
 @pytest.fixture(scope="module")
 def interpreted_ops():
     if not INTERPRETED:
         return None
-    return {small: _interpreted_vllm_ops(small) for small in (True, False)}
+    return {small: interpreted_vllm_ops(small) for small in (True, False)}
 
 
 @pytest.fixture(autouse=True)
 def _fresh_pointer_caches():
-    """vLLM caches weight pointers (and offset_start) keyed by data_ptr only: a freed test
-    tensor's address reused by the next test would hit a stale entry."""
-    from vllm.lora.ops.triton_ops import utils
-
-    utils._LORA_A_PTR_DICT.clear()
-    utils._LORA_B_PTR_DICT.clear()
+    clear_pointer_caches()
 
 
 def _ops(interpreted_ops, small_tiles=True):

@@ -15,6 +15,9 @@ SOLA_ARCHITECTURES = {
     "qwen3": "SolaQwen3ForCausalLM",
     "gpt2": "SolaGPT2LMHeadModel",
 }
+# How the worker adds routed LoRA deltas: "torch" (LoraStacks, fp32, any device), "punica"
+# (vLLM's Triton lora_shrink/lora_expand: CUDA, fp16/bf16), "auto" (punica where it can run).
+APPLY_BACKENDS = ("auto", "torch", "punica")
 
 
 @dataclass(slots=True)
@@ -31,6 +34,7 @@ class ServingConfig:
     max_rank: int = 8
     request_log: int = 10000  # routing decisions kept for provenance lookups (oldest dropped)
     canary_fraction: float = 0.0  # share of requests (by id hash) that see canary edits
+    apply: str = "auto"  # one of APPLY_BACKENDS; resolved in the worker (apply_backend.py)
 
     def __post_init__(self) -> None:
         self.layers, self.modules = tuple(self.layers), tuple(self.modules)
@@ -44,6 +48,8 @@ class ServingConfig:
             raise ValueError(f"threshold must be positive, got {self.threshold!r}")
         if not 0.0 <= self.canary_fraction <= 1.0:
             raise ValueError(f"canary_fraction must be in [0, 1], got {self.canary_fraction!r}")
+        if self.apply not in APPLY_BACKENDS:
+            raise ValueError(f"apply {self.apply!r} is not one of {APPLY_BACKENDS}")
 
     @classmethod
     def from_shape(cls, shape: EditShape, model_type: str, model_fingerprint: str,

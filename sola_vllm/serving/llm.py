@@ -65,7 +65,10 @@ def on_cuda() -> bool:
 
 class SolaLLM:
     def __init__(self, model: str | Path | None = None, config: SolaConfig | None = None, *,
-                 max_edits: int = 1024, max_keys: int = 4096, max_rank: int = 8, **llm_kwargs):
+                 max_edits: int = 1024, max_keys: int = 4096, max_rank: int = 8,
+                 apply: str = "auto", **llm_kwargs):
+        """apply: how routed LoRA deltas are added ("auto", "torch" or "punica", see
+        `ServingConfig.apply`)."""
         from vllm import LLM
 
         from ..models import resolve_model
@@ -73,7 +76,7 @@ class SolaLLM:
         self.model_path = resolve_model(model)
         self.config = config or SolaConfig()
         self.serving = serving_config(self.model_path, self.config, max_edits=max_edits,
-                                      max_keys=max_keys, max_rank=max_rank)
+                                      max_keys=max_keys, max_rank=max_rank, apply=apply)
         # the caller's vLLM options win (enforce_eager included)
         self.llm = LLM(**{**engine_kwargs(self.model_path, self.serving), **llm_kwargs})
 

@@ -95,6 +95,17 @@ class LoraStacks:
                 b_t[:rank].copy_(b.T)
         self.scale[slot] = scale
 
+    def clear(self, slot: int) -> None:
+        """Zero a slot's factors and scale (a freed slot adds exact zeros)."""
+        for name in self.a_rows:
+            for table in self._views(name, slot):
+                table.zero_()
+        self.scale[slot] = 0.0
+
+    def prepare(self, tok_slot: torch.Tensor) -> RoutedTokens:
+        """The per-forward state every `apply` of the forward reuses."""
+        return RoutedTokens.from_slots(tok_slot)
+
     def factors(self, name: str, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A [r_max, in], B [out, r_max]) of a slot, zero-padded past its rank."""
         a_t, b_t = self._views(name, slot)

@@ -46,7 +46,12 @@ def init_sola(model, vllm_config) -> SolaRuntime:
     groups = lora_targets(model, arch, config.layers, config.modules)
     max_tokens = max(vllm_config.scheduler_config.max_num_batched_tokens,
                      vllm_config.model_config.max_model_len)
-    runtime = SolaRuntime(config, hf_config.hidden_size, list(groups.values()), max_tokens)
+    # the model's dtype and device pick the apply backend (ServingConfig.apply); a punica
+    # backend checks vLLM's kernels here, so a wrong kernel stops the engine at start
+    device = next(model.parameters()).device
+    runtime = SolaRuntime(config, hf_config.hidden_size, list(groups.values()), max_tokens,
+                          dtype=vllm_config.model_config.dtype, device=device,
+                          max_seqs=vllm_config.scheduler_config.max_num_seqs)
     patch_model(model, arch, config.layers[0], groups, runtime, register_runtime(runtime))
     return runtime
 

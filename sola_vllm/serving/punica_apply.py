@@ -6,16 +6,19 @@ an `if`, `torch.unique`); `PunicaMeta.build` produces the same 7-tensor tuple fr
 `tok_slot` with sort/cumsum/scatter/where only, into preallocated buffers, so the whole step can
 be captured in a CUDA graph. The kernels' grid is fixed at `max_segments` edit groups: CTAs whose
 group id is -1 (the no-edit group and the padding) exit at once, so no host-side early exit is
-needed. Not wired into the model yet: the GPU runner hooks and graph buffers come later.
+needed. `punica_backend.PunicaBackend` wires it into SolaRuntime (ServingConfig.apply); the
+forward is not captured in CUDA graphs yet (routing reads each step's layout on the host).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-from .runtime import LoraTarget
+if TYPE_CHECKING:  # runtime.py builds its apply backend from this module
+    from .runtime import LoraTarget
 
 __all__ = ["PunicaMeta", "PunicaLoraStacks", "apply_punica", "apply_punica_ref"]
 

@@ -1,7 +1,8 @@
 """SolaRuntime: the edits, keys and per-request routes of one vLLM model (in its worker).
 
-Capacity is preallocated at start: `max_edits` LoRA slots (`LoraStacks`: one fp32 table per
-edited module) and `max_keys` key rows ([K, d] fp32). An edit's keys route to its
+Capacity is preallocated at start: `max_edits` LoRA slots (in the apply backend chosen once by
+`apply_backend.make_lora_backend`: fp32 `LoraStacks`, or the model-dtype stacks of vLLM's Triton
+kernels on CUDA) and `max_keys` key rows ([K, d] fp32). An edit's keys route to its
 slot while it is active; revoking it clears the keys' owners, so no new request routes to it,
 while requests already routed keep their edit until they finish (decision 3: a response is
 either wholly edited or wholly base). Routes are decided once per request at its key token and
@@ -27,8 +28,8 @@ from sola_vllm.kernels.nearest_key import nearest_key_ref, unit_rows
 
 from ..edit import STATES, Edit, mismatch
 from ..preflight import KeyGroup, check
+from .apply_backend import Kernels, make_lora_backend
 from .config import ServingConfig
-from .lora_stacks import LoraStacks, RoutedTokens
 from .provenance import RequestLog
 
 UNDECIDED = -2
@@ -82,11 +83,16 @@ class _SlotInfo:
 
 class SolaRuntime:
     def __init__(self, config: ServingConfig, hidden_size: int, targets: list[list[LoraTarget]],
-                 max_num_tokens: int):
+                 max_num_tokens: int, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", max_seqs: int | None = None,
+                 kernels: Kernels | None = None):
+        """dtype, device: the model's (they pick the apply backend, see `make_lora_backend`);
+        max_seqs: requests per step; kernels: replace vLLM's LoRA ops (tests)."""
         self.config = config
         self.hidden_size = hidden_size
         self.targets = targets  # per patched vLLM linear: the edited modules it holds
-        self.lora = LoraStacks(targets, config.max_edits, config.max_rank)
+        self.lora = make_lora_backend(config, targets, max_num_tokens, dtype=dtype,
+                                      device=device, max_seqs=max_seqs, kernels=kernels)
         # vLLM builds models under the model dtype as torch's default: name fp32 explicitly
         self.keys = torch.zeros(config.max_keys, hidden_size, dtype=torch.float32)
         self.key_owner = torch.full((config.max_keys,), -1, dtype=torch.int32)
@@ -105,7 +111,7 @@ class SolaRuntime:
         self.request_log = RequestLog(config.request_log)  # provenance and hit counts
         self.recomputed_keys = 0  # key tokens seen again (preemption + recompute): route kept
         self.step: StepMeta | None = None
-        self._routed = RoutedTokens.from_slots(self.tok_slot[:0])  # this forward's routed tokens
+        self._forward = self.lora.prepare(self.tok_slot[:0])  # this forward's apply state
         self._key_tables: dict[bool, tuple] = {}  # opted in -> see routed_keys
 
     # --- edits ----------------------------------------------------------------------------------
@@ -196,6 +202,7 @@ class SolaRuntime:
             raise ValueError(f"edit {edit_id} is still used by in-flight requests")
         self.set_active(edit_id, False)
         self.free_key_rows.extend(info.key_rows)
+        self.lora.clear(info.slot)  # a freed slot adds exact zeros until it is written again
         self.slot_edit[info.slot] = None
         heapq.heappush(self.free_slots, info.slot)
         del self.edits[edit_id]
@@ -314,14 +321,14 @@ class SolaRuntime:
         self.set_token_slots(slots)
 
     def set_token_slots(self, slots: torch.Tensor) -> None:
-        """Write each token's edit slot (int32 [T], -1 = none) and collect the routed tokens
-        once per forward: every edited linear of the forward reuses them."""
+        """Write each token's edit slot (int32 [T], -1 = none) and prepare the apply once per
+        forward (routed tokens, or the kernels' metadata): every edited linear reuses it."""
         num_tokens = slots.shape[0]
         if num_tokens > self.tok_slot.shape[0]:
             raise RuntimeError(f"{num_tokens} tokens in one forward; the buffer holds "
                                f"{self.tok_slot.shape[0]}")
         self.tok_slot[:num_tokens] = slots
-        self._routed = RoutedTokens.from_slots(slots)
+        self._forward = self.lora.prepare(slots)
 
     def _decide(self, hidden: torch.Tensor, is_key: np.ndarray, rows: np.ndarray) -> None:
         step = self.step
@@ -360,9 +367,9 @@ class SolaRuntime:
 
     def apply(self, group: int, y: torch.Tensor, x: torch.Tensor) -> None:
         """y: [T, out] base output of linear `group` (updated in place), x: [T, in] its input.
-        Adds each routed token's LoRA delta (see `LoraStacks.apply`); tokens with slot -1 are
-        never written."""
-        if y.shape[0] != self._routed.num_tokens:
-            raise RuntimeError(f"the router saw {self._routed.num_tokens} tokens in this "
+        Adds each routed token's LoRA delta (see `LoraStacks.apply`, `PunicaBackend.apply`);
+        tokens with slot -1 are never written."""
+        if y.shape[0] != self._forward.num_tokens:
+            raise RuntimeError(f"the router saw {self._forward.num_tokens} tokens in this "
                                f"forward, an edited linear {y.shape[0]}")
-        self.lora.apply(group, y, x, self._routed)
+        self.lora.apply(group, y, x, self._forward)

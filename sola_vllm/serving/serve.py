@@ -103,6 +103,18 @@ def access_env(args, environ=os.environ) -> dict:
     return env
 
 
+def check_apply(apply: str) -> None:
+    """Refuse `--apply punica` before vLLM starts where no model could use it; the worker
+    checks again with the model's dtype (apply_backend.choose_apply)."""
+    if apply == "punica":
+        from .apply_backend import host_blocker
+
+        blocker = host_blocker("cuda" if on_cuda() else "cpu")
+        if blocker:
+            raise ValueError(f"--apply punica cannot run here: {blocker} (use --apply torch "
+                             "or auto)")
+
+
 def build_command(kwargs: dict, host: str, port: int, extra: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", SERVER_MODULE, "--model", kwargs["model"],
            "--host", host, "--port", str(port),
@@ -128,8 +140,10 @@ def prepare(args, extra: list[str]) -> tuple[list[str], dict]:
     serving = serving_config(model_path, config, max_edits=args.max_edits,
                              max_keys=args.max_keys, max_rank=args.max_rank,
                              request_log=args.request_log,
-                             canary_fraction=getattr(args, "canary_fraction", 0.0))
+                             canary_fraction=getattr(args, "canary_fraction", 0.0),
+                             apply=getattr(args, "apply", "auto"))
     check_store(store, serving)
+    check_apply(serving.apply)
     kwargs = engine_kwargs(model_path, serving)
     env = build_env(store.path, model_path, config, cpu=not on_cuda())
     env.pop(ADMIN_TOKEN_ENV, None)  # an empty one from the environment means no token
