@@ -244,3 +244,26 @@ def test_serve_starts_cuda_engines_eager_unless_told_otherwise():
     cpu = build_command({**kwargs, "enforce_eager": False}, "127.0.0.1", 8000, [])
     assert "--enforce-eager" not in cpu
     assert "--enforce-eager" not in build_command(kwargs, "127.0.0.1", 8000, ["-O3"])
+
+
+def test_buffers_live_on_the_named_device_whatever_the_ambient_default():
+    """vLLM builds the model (and so the runtime) under its device as torch's default, and runs
+    the forward outside it: every buffer must be placed by the `device` argument, and the
+    per-forward slots copied there. An ambient "meta" default stands in for CUDA here."""
+    with torch.device("meta"):
+        runtime = make_runtime()
+    tensors = [runtime.keys, runtime.key_owner, runtime.slot_canary, runtime.tok_slot,
+               runtime.lora.scale, *runtime.lora.a_rows.values(), *runtime.lora.b_rows.values()]
+    assert {t.device.type for t in tensors} == {"cpu"}
+    e = edit(0)
+    runtime.add_edit(e, e.keys)
+    runtime.step = step(["r0", "r1"], [3, 2], [[0, 1, 2], [0, 1]])
+    hidden = torch.randn(5, HIDDEN)
+    hidden[2] = e.keys[0]  # r0's key token sits on the edit's key: routed
+    runtime.route(hidden)
+    assert runtime.routes == {"r0": 0, "r1": -1}
+    assert runtime.tok_slot[:5].tolist() == [-1, -1, 0, -1, -1]
+    x, base = torch.randn(5, HIDDEN), torch.randn(5, 2 * INTER)
+    y = base.clone()
+    runtime.apply(0, y, x)
+    assert torch.equal(y[[0, 1, 3, 4]], base[[0, 1, 3, 4]]) and not torch.equal(y[2], base[2])

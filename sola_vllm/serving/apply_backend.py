@@ -76,6 +76,6 @@ def make_lora_backend(config: ServingConfig, targets: Sequence[Sequence[LoraTarg
     vLLM's registered ops (production passes None); a punica backend checks them at once."""
     choice = choose_apply(config.apply, device, dtype, injected=kernels is not None)
     if choice == "torch":
-        return LoraStacks(list(targets), config.max_edits, config.max_rank)
+        return LoraStacks(list(targets), config.max_edits, config.max_rank, device=device)
     return PunicaBackend(targets, config.max_edits, config.max_rank, max_tokens, dtype=dtype,
                          device=device, max_seqs=max_seqs, kernels=kernels)

@@ -49,12 +49,14 @@ class RoutedTokens:
         """int64 [n, width]: row `slot * width + j` for j < width (the rows of each token's
         edit in a table of `width` rows per slot)."""
         if width not in self._bags:
-            self._bags[width] = self.slots[:, None] * width + torch.arange(width)
+            self._bags[width] = (self.slots[:, None] * width
+                                 + torch.arange(width, device=self.slots.device))
         return self._bags[width]
 
 
 class LoraStacks:
-    def __init__(self, targets: list[list[LoraTarget]], max_edits: int, max_rank: int):
+    def __init__(self, targets: list[list[LoraTarget]], max_edits: int, max_rank: int,
+                 device: torch.device | str = "cpu"):
         self.targets = targets  # per patched vLLM linear: the edited modules it holds
         self.max_edits, self.max_rank = max_edits, max_rank
         self.a_rows: dict[str, torch.Tensor] = {}
@@ -63,10 +65,10 @@ class LoraStacks:
             for t in group:
                 # vLLM builds models with the model dtype as torch's default: name fp32
                 self.a_rows[t.name] = torch.zeros(max_edits * t.in_features, max_rank,
-                                                  dtype=torch.float32)
+                                                  dtype=torch.float32, device=device)
                 self.b_rows[t.name] = torch.zeros(max_edits * max_rank, t.out_features,
-                                                  dtype=torch.float32)
-        self.scale = torch.zeros(max_edits, dtype=torch.float32)
+                                                  dtype=torch.float32, device=device)
+        self.scale = torch.zeros(max_edits, dtype=torch.float32, device=device)
 
     def names(self) -> set[str]:
         return set(self.a_rows)

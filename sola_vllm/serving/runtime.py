@@ -93,12 +93,14 @@ class SolaRuntime:
         self.targets = targets  # per patched vLLM linear: the edited modules it holds
         self.lora = make_lora_backend(config, targets, max_num_tokens, dtype=dtype,
                                       device=device, max_seqs=max_seqs, kernels=kernels)
-        # vLLM builds models under the model dtype as torch's default: name fp32 explicitly
-        self.keys = torch.zeros(config.max_keys, hidden_size, dtype=torch.float32)
-        self.key_owner = torch.full((config.max_keys,), -1, dtype=torch.int32)
+        # vLLM builds models under the model dtype and device as torch's defaults, and runs
+        # the forward outside them: name both explicitly, here and per forward (`route`)
+        on = dict(device=device)
+        self.keys = torch.zeros(config.max_keys, hidden_size, dtype=torch.float32, **on)
+        self.key_owner = torch.full((config.max_keys,), -1, dtype=torch.int32, **on)
         # per slot: a canary edit, routed only for requests that opt in
-        self.slot_canary = torch.zeros(config.max_edits, dtype=torch.bool)
-        self.tok_slot = torch.full((max_num_tokens,), -1, dtype=torch.int32)
+        self.slot_canary = torch.zeros(config.max_edits, dtype=torch.bool, **on)
+        self.tok_slot = torch.full((max_num_tokens,), -1, dtype=torch.int32, **on)
         self.edits: dict[str, _SlotInfo] = {}
         self.slot_edit: list[str | None] = [None] * config.max_edits
         # lowest free slot first; key rows in the order they were freed (O(1) per add/remove)
@@ -321,14 +323,16 @@ class SolaRuntime:
         self.set_token_slots(slots)
 
     def set_token_slots(self, slots: torch.Tensor) -> None:
-        """Write each token's edit slot (int32 [T], -1 = none) and prepare the apply once per
-        forward (routed tokens, or the kernels' metadata): every edited linear reuses it."""
+        """Write each token's edit slot (int32 [T], -1 = none; decided on the host) into the
+        model-device buffer, and prepare the apply once per forward from it (routed tokens, or
+        the kernels' metadata): every edited linear reuses it."""
         num_tokens = slots.shape[0]
         if num_tokens > self.tok_slot.shape[0]:
             raise RuntimeError(f"{num_tokens} tokens in one forward; the buffer holds "
                                f"{self.tok_slot.shape[0]}")
-        self.tok_slot[:num_tokens] = slots
-        self._forward = self.lora.prepare(slots)
+        device_slots = self.tok_slot[:num_tokens]
+        device_slots.copy_(slots)
+        self._forward = self.lora.prepare(device_slots)
 
     def _decide(self, hidden: torch.Tensor, is_key: np.ndarray, rows: np.ndarray) -> None:
         step = self.step
