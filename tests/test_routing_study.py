@@ -46,5 +46,9 @@ def test_study_routes_every_prompt_to_its_own_key_under_each_transform(default_e
         assert row["prompt_nearest_own"] == 1.0 and row["prompt_hit_own"] == 1.0
         assert row["threshold"] > 0
         assert 0.0 <= row["paraphrase_hit_own"] <= row["paraphrase_nearest_own"] <= 1.0
+    gated = study(default_engine, cases, hard, [8], ["cosine"], 0.99, ("gated",), ("raw",),
+                  relation_threshold=0.05)
+    assert len(gated) == 1 and gated[0]["threshold"] == 0.05 and gated[0]["subject_gate"] > 0
+    assert gated[0]["prompt_hit_own"] == 1.0  # own subject token and own last token: distance 0
     with pytest.raises(ValueError, match="background"):
         study(default_engine, cases, hard, [8], ["cosine"], 0.99, ("last",), ("center",), [])

@@ -7,9 +7,13 @@ anchored at the subject's last token, matched against every prompt token of the 
 Edits are the dev split; negatives are the unrelated locality prompts and the test split's edit
 prompts (hard negatives: the same style, other subjects). The threshold is set so that `--keep`
 of all negatives stay unrouted; hit and false-fire rates are read at that threshold.
-`--transforms center,whiten` also measures keys and queries mapped by statistics of background
-prompts (the test split's other prompts), to see whether the shared component of all prompts
-is what hides paraphrases (zsRE dev: it is not; see `benchmarks/results/routing_study_*.json`).
+`--modes gated` routes in two steps: an edit is a candidate when any query token is near its
+subject-anchored key, then the nearest last-token key among candidates decides, under
+`--relation-threshold` (keeps subject-anchored keys' paraphrase hits without routing every
+question that names the subject). `--transforms center,whiten` also measures keys and
+queries mapped by statistics of background prompts (the test split's other prompts), to see
+whether the shared component of all prompts is what hides paraphrases (zsRE dev: it is not;
+see `benchmarks/results/routing_study_*.json`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from ..kernels.nearest_key import pairwise_distance_ref
 from .data import EditCase, load, one_per_subject
 from .states import residual_states, subject_token
 
-MODES = ("last", "subject", "mean", "mean1")
+MODES = ("last", "subject", "mean", "mean1", "gated")
 TRANSFORMS = ("raw", "center", "whiten")
 WHITEN_SHRINK = 0.01  # ridge on the covariance, as a share of its mean eigenvalue
 
@@ -77,11 +81,47 @@ def nearest(states: list[torch.Tensor], keys: torch.Tensor, metric: str,
     return torch.tensor(idx), torch.tensor(dist)
 
 
+def gated_nearest(states: list[torch.Tensor], subject_keys: torch.Tensor,
+                  last_keys: torch.Tensor, metric: str,
+                  gate: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two-factor routing (`gated` mode): an edit is a candidate when any query token is within
+    `gate` of its subject-anchored key (the entity matches); among candidates the nearest
+    last-token key decides (the question matches). Per query: (index of that edit or -1, its
+    last-token distance or inf, the distance to the nearest subject key)."""
+    idx, dist, subject = [], [], []
+    for s in states:
+        sd = pairwise_distance_ref(s, subject_keys, metric).min(dim=0).values  # [N]
+        ld = pairwise_distance_ref(s[-1:], last_keys, metric)[0]  # [N]
+        ld = torch.where(sd < gate, ld, torch.full_like(ld, float("inf")))
+        best = int(ld.argmin())
+        found = bool(torch.isfinite(ld[best]))
+        idx.append(best if found else -1)
+        dist.append(float(ld[best]))
+        subject.append(float(sd.min()))
+    return torch.tensor(idx), torch.tensor(dist), torch.tensor(subject)
+
+
+def _gated_results(by_group: dict, anchor: list[int], metric: str, keep: float,
+                   relation_threshold: float) -> tuple[dict, float, float]:
+    """`gated` mode: the subject gate is set so `keep` of the negatives match no subject key;
+    the last-token threshold is `relation_threshold`."""
+    subject_keys = torch.stack([s[p] for s, p in zip(by_group["prompt"], anchor, strict=True)])
+    last_keys = torch.cat([s[-1:] for s in by_group["prompt"]])
+    groups = [g for g, v in by_group.items() if v and g != "background"]
+    subject = {g: gated_nearest(by_group[g], subject_keys, last_keys, metric, 0.0)[2]
+               for g in ("locality", "hard_negative")}
+    gate = float(torch.quantile(torch.cat(list(subject.values())), 1 - keep))
+    res = {g: gated_nearest(by_group[g], subject_keys, last_keys, metric, gate)[:2]
+           for g in groups}
+    return res, relation_threshold, gate
+
+
 def study(engine, cases: list[EditCase], hard: list[str], layers: list[int],
           metrics: list[str], keep: float, modes=MODES, transforms=("raw",),
-          background: list[str] = ()) -> list[dict]:
+          background: list[str] = (), relation_threshold: float = 0.1) -> list[dict]:
     """`hard`: prompts in the edits' own style about other subjects (the other split's);
-    `background`: prompts the `center`/`whiten` transforms are fitted on."""
+    `background`: prompts the `center`/`whiten` transforms are fitted on;
+    `relation_threshold`: the last-token threshold of the `gated` mode (raw keys only)."""
     if any(t != "raw" for t in transforms) and not background:
         raise ValueError("the center and whiten transforms need background prompts")
     groups = {
@@ -105,6 +145,15 @@ def study(engine, cases: list[EditCase], hard: list[str], layers: list[int],
             by_group[g] = [s[layer] for s in states[offset:offset + n]]
             offset += n
         for mode, kind in ((m, k) for m in modes for k in transforms):
+            if mode == "gated":
+                if kind == "raw":
+                    for metric in metrics:
+                        res, tau, gate = _gated_results(by_group, anchor, metric, keep,
+                                                        relation_threshold)
+                        row = {"layer": layer, "mode": mode, "transform": kind,
+                               "metric": metric, "threshold": tau, "subject_gate": gate}
+                        rows.append(_score(row, res, tau, cases, owner))
+                continue
             if mode == "subject":
                 keys = torch.stack([s[p] for s, p in zip(by_group["prompt"], anchor, strict=True)])
             else:
@@ -119,22 +168,28 @@ def study(engine, cases: list[EditCase], hard: list[str], layers: list[int],
                 tau = float(torch.quantile(negatives, 1 - keep))
                 row = {"layer": layer, "mode": mode, "transform": kind, "metric": metric,
                        "threshold": tau}
-                for g in ("prompt", "paraphrase"):
-                    idx, dist = res[g]
-                    own = torch.tensor(owner[g])
-                    same_target = torch.tensor([cases[i].target == cases[j].target
-                                                for i, j in zip(idx.tolist(), owner[g])])
-                    routed = dist < tau
-                    row[f"{g}_hit_own"] = float((routed & (idx == own)).float().mean())
-                    row[f"{g}_hit_same_answer"] = float((routed & same_target).float().mean())
-                    row[f"{g}_routed"] = float(routed.float().mean())
-                    row[f"{g}_nearest_own"] = float((idx == own).float().mean())
-                for g in ("other_relation", "locality", "hard_negative"):
-                    if g in res:
-                        row[f"{g}_false_fire"] = float((res[g][1] < tau).float().mean())
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                rows.append(_score(row, res, tau, cases, owner))
     return rows
+
+
+def _score(row: dict, res: dict, tau: float, cases: list[EditCase], owner: dict) -> dict:
+    """Hit and false-fire rates of one configuration's routes (`res`: group -> (nearest edit
+    index, its distance)) at threshold `tau`."""
+    for g in ("prompt", "paraphrase"):
+        idx, dist = res[g]
+        own = torch.tensor(owner[g])
+        same_target = torch.tensor([i >= 0 and cases[i].target == cases[j].target
+                                    for i, j in zip(idx.tolist(), owner[g], strict=True)])
+        routed = dist < tau
+        row[f"{g}_hit_own"] = float((routed & (idx == own)).float().mean())
+        row[f"{g}_hit_same_answer"] = float((routed & same_target).float().mean())
+        row[f"{g}_routed"] = float(routed.float().mean())
+        row[f"{g}_nearest_own"] = float((idx == own).float().mean())
+    for g in ("other_relation", "locality", "hard_negative"):
+        if g in res:
+            row[f"{g}_false_fire"] = float((res[g][1] < tau).float().mean())
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -152,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="background prompts for center/whiten: the test split's prompts past "
                         "the hard negatives, then its locality prompts")
     p.add_argument("--keep", type=float, default=0.99, help="share of negatives left unrouted")
+    p.add_argument("--relation-threshold", type=float, default=0.1,
+                   help="gated mode: the last-token threshold among subject-matched edits")
     p.add_argument("--one-per-subject", action="store_true")
     p.add_argument("--hard", type=int, default=500, help="hard negatives (test-split prompts)")
     p.add_argument("--out", type=Path, default=None)
@@ -172,9 +229,9 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     rows = study(engine, cases, hard, [int(x) for x in args.layers.split(",")],
                  args.metrics.split(","), args.keep, args.modes.split(","), transforms,
-                 background)
+                 background, args.relation_threshold)
     report = {"data": data.name, "split": "dev", "edits": len(cases), "hard_negatives": len(hard),
-              "background": len(background),
+              "background": len(background), "relation_threshold": args.relation_threshold,
               "keep": args.keep, "one_per_subject": args.one_per_subject,
               "seconds": round(time.perf_counter() - started, 1), "rows": rows}
     if args.out:
