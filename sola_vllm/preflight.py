@@ -63,8 +63,8 @@ def probe_routes(new: KeyGroup, routed: list[KeyGroup], queries: torch.Tensor,
     or None), "distance" (to its nearest key), "distance_to_new"}."""
     groups = [g for g in routed if g.edit_id != new.edit_id and g.keys.shape[0]] + [new]
     keys = torch.cat([g.keys.float() for g in groups])
-    owners = torch.cat([torch.full((g.keys.shape[0],), slot, dtype=torch.int32)
-                        for slot, g in enumerate(groups)])
+    owners = torch.cat([torch.full((g.keys.shape[0],), slot, dtype=torch.int32,
+                                   device=keys.device) for slot, g in enumerate(groups)])
     slots, dists, _ = nearest_key_ref(queries.float(), keys, owners, threshold, metric)
     to_new = pairwise_distance_ref(queries, new.keys, metric).min(dim=1).values
     return [{"prompt": p, "route": groups[s].edit_id if s >= 0 else None, "distance": float(d),
