@@ -66,10 +66,12 @@ def config_rows(section: dict) -> list[str]:
     return rows
 
 
-def target_rows(offline: dict) -> list[str]:
+def target_rows(offline: dict, measured_only: bool = False) -> list[str]:
     rows = ["| target | measured (median pair) | every pair | bound | met |",
             "|---|---|---|---|---|"]
     for what, name, field, bound, kind in TARGETS:
+        if name not in offline and measured_only:
+            continue
         if name not in offline:
             rows.append(f"| {what} | not measured | | {bound} | - |")
             continue
@@ -162,8 +164,38 @@ def throughput_section(data: dict | None) -> list[str]:
         if "push_s" in http:
             out += [f"{http['push_count']} edits pushed over HTTP before the routed runs: p50 "
                     f"{ms(http['push_s']['p50'])} ms, p99 {ms(http['push_s']['p99'])} ms.", ""]
+    for name, title in EXTRA_RUNS:
+        out += extra_run_lines(load(name), title)
     if plot(data):
         out += [f"![throughput vs resident edits](results/{PLOT.name})", ""]
+    return out
+
+
+# later runs, each in its own file: (file, section title)
+EXTRA_RUNS = [
+    ("serving_throughput_10k.json", "10,000 resident edits, with the warmed, paired method"),
+    ("serving_throughput_http.json", "HTTP, every routed share, with the warmed, paired method"),
+]
+
+
+def extra_run_lines(data: dict | None, title: str) -> list[str]:
+    """One later run: its command, the targets it covers, every configuration it measured."""
+    if data is None:
+        return []
+    out = [f"### {title}", "", f"`{data.get('command')}` (commit "
+           f"{data.get('machine', {}).get('commit')}).", ""]
+    if data.get("note"):
+        out += [f"Note: {data['note']}.", ""]
+    offline = data.get("offline") or {}
+    if any(name in offline for _, name, *_ in TARGETS):
+        out += [*target_rows(offline, measured_only=True), ""]
+    for section in ("offline", "http"):
+        if data.get(section):
+            out += [f"{section}:", "", *config_rows(data[section]), ""]
+    http = data.get("http") or {}
+    if "push_s" in http:
+        out += [f"{http['push_count']} edits pushed over HTTP before the routed runs: p50 "
+                f"{ms(http['push_s']['p50'])} ms, p99 {ms(http['push_s']['p99'])} ms.", ""]
     return out
 
 
