@@ -130,8 +130,8 @@ def test_rollback_and_routing_tables(report):
     md = rp.render_markdown(report)
     rollback = _rows(_section(md, "Rollback"), ("sola", "100"))
     assert len(rollback) == 1
-    assert rollback[0][3:7] == ["0.980", "0.020", "0.000", "1.000"]
-    assert rollback[0][8] == "0.880 → 0.870"
+    assert rollback[0][3:8] == ["0.980", "0.020", "0.000", "0.000", "1.000"]
+    assert rollback[0][9] == "0.880 → 0.870"
     assert not _rows(_section(md, "Rollback"), ("base",))  # only methods with a rollback
     routing = _section(md, "Routing")
     row = _rows(routing, ("100", "sola"))[0]

@@ -52,8 +52,10 @@ first T (n), with all T edits active; decoding is greedy.
   the share of revoked edits' prompts whose output is token-identical to the base model's.
   **→ sibling**: the share that routes, once revoked, to a kept edit of the same subject (in
   zsRE, another record asking the same question with its own answer, which rightly answers
-  it). **→ revoked**: the share that still routes to a revoked edit (a rollback bug: must be
-  0). **Exact, not to a sibling**: revoked exact over the prompts that do not route to a sibling.
+  it). **→ other kept**: the share that routes to a kept edit of another subject or relation
+  (a false fire of that edit). **→ revoked**: the share that still routes to a revoked edit (a
+  rollback bug: must be 0). **Exact, not to a sibling**: revoked exact over the prompts that do
+  not route to a sibling.
   **Kept rel. EM**: reliability (EM) of the edits still active, before → after the revocation.
   **Loc.**: locality before → after.
 - **Routing**: **prompt hit** / **paraphrase hit**: the share of edit prompts / paraphrases
@@ -167,14 +169,14 @@ def retention_table(report: dict) -> str:
 def rollback_table(report: dict) -> str | None:
     """One row per method with a rollback block; None when no method has one."""
     rows = [[m["name"], fmt(rb.get("T")), fmt(rb.get("revoked")), fmt(rb.get("revoked_exact")),
-             fmt((rb.get("revoked_routes") or {}).get("kept_sibling")),
-             fmt((rb.get("revoked_routes") or {}).get("revoked")),
+             *[fmt((rb.get("revoked_routes") or {}).get(w))
+               for w in ("kept_sibling", "kept_other", "revoked")],
              fmt(rb.get("revoked_exact_unshadowed")), fmt(rb.get("kept")),
              _arrow(rb.get("kept_reliability_em_before"), rb.get("kept_reliability_em")),
              _arrow(rb.get("locality_before"), rb.get("locality"))]
             for m in report["methods"] if (rb := m.get("rollback"))]
-    header = ["Method", "T", "Revoked", "Revoked exact", "→ sibling", "→ revoked",
-              "Exact, not to a sibling", "Kept", "Kept rel. EM (before → after)",
+    header = ["Method", "T", "Revoked", "Revoked exact", "→ sibling", "→ other kept",
+              "→ revoked", "Exact, not to a sibling", "Kept", "Kept rel. EM (before → after)",
               "Loc. (before → after)"]
     return _table(header, rows) if rows else None
 
