@@ -69,7 +69,10 @@ def test_vllm_metrics_and_tokens_equal_the_reference_engines(tmp_path, monkeypat
         assert (g["n_eval"], g["reliability_em"], g["generality_em"], g["locality"]) == (
             w["n_eval"], w["reliability_em"], w["generality_em"], w["locality"]), (g, w)
     assert got["rollback"].keys() == want["rollback"].keys()
-    assert got["rollback"] == want["rollback"]
+    unseen = ("revoked_routes", "revoked_exact_unshadowed")  # needs routes vLLM does not report
+    assert all(got["rollback"][k] is None for k in unseen)
+    assert ({k: v for k, v in got["rollback"].items() if k not in unseen}
+            == {k: v for k, v in want["rollback"].items() if k not in unseen})
     assert got["rollback"]["revoked"] == 1 and got["rollback"]["revoked_exact"] == 1.0
     notes = got["engine_notes"]
     assert notes["start_seconds"] > 0 and notes["add_seconds"] > 0

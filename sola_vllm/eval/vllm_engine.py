@@ -7,8 +7,9 @@ recomputes each edit's keys from its prompts when the edit is hot-added. vLLM ru
 tokens can be compared with the reference engine's, which runs in fp32 too.
 
 What vLLM cannot give: teacher-forced token accuracy (`*_tf`) and the route each prompt took
-(`routing`, `distances`), which stay None. Base outputs are generated once, before any edit is
-added; locality and revoked-prompt exactness compare against them token for token.
+(`routing`, `distances`, and the rollback's `revoked_routes`), which stay None. Base outputs
+are generated once, before any edit is added; locality and revoked-prompt exactness compare
+against them token for token.
 """
 
 from __future__ import annotations
@@ -218,6 +219,9 @@ def _rollback(cfg, llm, tokens: _Tokens, scorer: _Scorer, stream: list[EditCase]
             llm.restore(edit_id)
     return {"T": len(stream), "revoked": len(revoked), "revoked_evaluated": len(gone),
             "revoked_exact": _mean(scorer.unchanged([c.prompt for c in gone], now, base)),
+            # where revoked prompts route needs each request's route, which this path does
+            # not read (see the module docstring)
+            "revoked_exact_unshadowed": None, "revoked_routes": None,
             "kept": len(kept),
             "kept_reliability_em": _mean(scorer.em(kept, now)),
             "kept_reliability_em_before": _mean(scorer.em(kept, final)),
