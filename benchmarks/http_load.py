@@ -178,10 +178,12 @@ def http_sweep(args, results: dict, paired) -> None:
             return lambda: load(server, batch, args.max_tokens, args.concurrency)
 
         plain_batch = unrelated[:requests]
-        load(plain, plain_batch[:4], 4, 4)  # warm-up
-        load(sola, plain_batch[:4], 4, 4)
+        # a full-size unmeasured run on each server first: a cold server's first runs are
+        # slow, which made first pairs read several percent off (see serving_throughput.warm)
+        load(plain, plain_batch, args.max_tokens, args.concurrency)
+        load(sola, plain_batch, args.max_tokens, args.concurrency)
         paired("http_sola_0_edits_0pct_routed", run(sola, plain_batch), run(plain, plain_batch),
-               results, {"edits": 0, "routed_percent": 0})
+               results, {"edits": 0, "routed_percent": 0}, args.repeats)
         prompts = edit_prompts(args.http_edits, questions)
         edits = synthetic_edits(default_serving(), prompts, EditConfig().rank)
         push_s = [push(sola, e.to_bytes()) for e in edits]
@@ -189,13 +191,17 @@ def http_sweep(args, results: dict, paired) -> None:
         results["push_count"] = len(push_s)
         print(f"  pushed {len(push_s)} edits over HTTP: p50 {results['push_s']['p50'] * 1e3:.0f}"
               f" ms, p99 {results['push_s']['p99'] * 1e3:.0f} ms", flush=True)
+        load(sola, plain_batch, args.max_tokens, args.concurrency)  # settle after the pushes
         for percent in args.routed:
+            # plain vLLM serves the configuration's own prompts: each pair compares equal work
             batch = mix(prompts, unrelated, requests, percent)
+            resident = set(prompts)
             before = routed_requests(sola)
             name = f"http_sola_{args.http_edits}_edits_{percent}pct_routed"
-            paired(name, run(sola, batch), run(plain, plain_batch), results,
-                   {"edits": args.http_edits, "routed_percent": percent})
-            results[name]["routed_requests"] = routed_requests(sola) - before
+            paired(name, run(sola, batch), run(plain, batch), results,
+                   {"edits": args.http_edits, "routed_percent": percent,
+                    "expected_routed": sum(p in resident for p in batch)}, args.repeats)
+            results[name]["routed_requests"] = (routed_requests(sola) - before) // args.repeats
     finally:
         plain.stop()
         sola.stop()
