@@ -168,6 +168,37 @@ def test_refresher_feeds_the_collector_and_counts_failures():
     assert asyncio.run(refresher.refresh()) and collector.snapshot["routed"] == 6
 
 
+def test_an_unscraped_engine_is_not_polled():
+    """One snapshot at start, then one per scrape, at most one per interval: an idle server
+    must not keep vLLM's worker in its busy loop with an RPC every second."""
+    calls = []
+
+    async def rpc(method, *args):
+        calls.append(method)
+        return {**SNAPSHOT, "routed": len(calls)}
+
+    async def scenario():
+        collector = SolaCollector()
+        refresher = MetricsRefresher(rpc, collector, MetricsConfig(interval_s=0.05))
+        refresher.start()
+        await asyncio.sleep(0.5)  # nobody scrapes: only the start-up snapshot
+        at_start = len(calls)
+        list(collector.collect())  # a scrape asks for a fresh snapshot
+        await asyncio.sleep(0.3)
+        after_one = len(calls)
+        for _ in range(20):  # scrapes faster than the interval: at most one RPC per interval
+            list(collector.collect())
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        refresher.stop()
+        return at_start, after_one, len(calls), collector.snapshot
+
+    at_start, after_one, total, snapshot = asyncio.run(scenario())
+    assert at_start == 1 and after_one == 2
+    assert 3 <= total <= 2 + 6  # ~0.2 s of scrapes at a 0.05 s interval (+ slack)
+    assert snapshot["routed"] == total
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon", "99999"])
 def test_metrics_interval_is_validated(value):
     with pytest.raises(ValueError, match="SOLA_VLLM_METRICS_INTERVAL|interval"):
@@ -192,7 +223,7 @@ def metrics(url: str) -> dict[tuple[str, tuple], float]:
 
 
 def metrics_once(url: str, ready) -> dict:
-    """/metrics once the snapshot (refreshed every second) satisfies `ready`."""
+    """/metrics once the snapshot (refreshed after each scrape) satisfies `ready`."""
     for _ in range(240):
         samples = metrics(url)
         if ready(samples):
