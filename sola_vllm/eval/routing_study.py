@@ -81,24 +81,24 @@ def nearest(states: list[torch.Tensor], keys: torch.Tensor, metric: str,
     return torch.tensor(idx), torch.tensor(dist)
 
 
-def gated_nearest(states: list[torch.Tensor], subject_keys: torch.Tensor,
-                  last_keys: torch.Tensor, metric: str,
-                  gate: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Two-factor routing (`gated` mode): an edit is a candidate when any query token is within
-    `gate` of its subject-anchored key (the entity matches); among candidates the nearest
-    last-token key decides (the question matches). Per query: (index of that edit or -1, its
-    last-token distance or inf, the distance to the nearest subject key)."""
-    idx, dist, subject = [], [], []
-    for s in states:
-        sd = pairwise_distance_ref(s, subject_keys, metric).min(dim=0).values  # [N]
-        ld = pairwise_distance_ref(s[-1:], last_keys, metric)[0]  # [N]
-        ld = torch.where(sd < gate, ld, torch.full_like(ld, float("inf")))
-        best = int(ld.argmin())
-        found = bool(torch.isfinite(ld[best]))
-        idx.append(best if found else -1)
-        dist.append(float(ld[best]))
-        subject.append(float(sd.min()))
-    return torch.tensor(idx), torch.tensor(dist), torch.tensor(subject)
+def gate_distances(states: list[torch.Tensor], subject_keys: torch.Tensor,
+                   last_keys: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query and edit: (the distance of the query's nearest token to the edit's
+    subject-anchored key, the query's last token to the edit's last-token key), [Q, N] each."""
+    subject = [pairwise_distance_ref(s, subject_keys, metric).min(dim=0).values for s in states]
+    last = [pairwise_distance_ref(s[-1:], last_keys, metric)[0] for s in states]
+    return torch.stack(subject), torch.stack(last)
+
+
+def gated_nearest(subject: torch.Tensor, last: torch.Tensor,
+                  gate: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two-factor routing (`gated` mode) over `gate_distances`: an edit is a candidate when any
+    query token is within `gate` of its subject-anchored key (the entity matches); among
+    candidates the nearest last-token key decides (the question matches). Per query: (index of
+    that edit or -1, its last-token distance or inf)."""
+    gated = torch.where(subject < gate, last, torch.full_like(last, float("inf")))
+    dist, idx = gated.min(dim=1)
+    return torch.where(torch.isfinite(dist), idx, torch.full_like(idx, -1)), dist
 
 
 def _gated_results(by_group: dict, anchor: list[int], metric: str, keep: float,
@@ -107,12 +107,11 @@ def _gated_results(by_group: dict, anchor: list[int], metric: str, keep: float,
     the last-token threshold is `relation_threshold`."""
     subject_keys = torch.stack([s[p] for s, p in zip(by_group["prompt"], anchor, strict=True)])
     last_keys = torch.cat([s[-1:] for s in by_group["prompt"]])
-    groups = [g for g, v in by_group.items() if v and g != "background"]
-    subject = {g: gated_nearest(by_group[g], subject_keys, last_keys, metric, 0.0)[2]
-               for g in ("locality", "hard_negative")}
-    gate = float(torch.quantile(torch.cat(list(subject.values())), 1 - keep))
-    res = {g: gated_nearest(by_group[g], subject_keys, last_keys, metric, gate)[:2]
-           for g in groups}
+    dists = {g: gate_distances(v, subject_keys, last_keys, metric)
+             for g, v in by_group.items() if v and g != "background"}
+    negatives = torch.cat([dists[g][0].min(dim=1).values for g in ("locality", "hard_negative")])
+    gate = float(torch.quantile(negatives, 1 - keep))
+    res = {g: gated_nearest(*d, gate) for g, d in dists.items()}
     return res, relation_threshold, gate
 
 
