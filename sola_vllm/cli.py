@@ -111,6 +111,10 @@ def _add_serve(sub) -> None:
                        help="how routed LoRA deltas are added: punica = vLLM's Triton LoRA "
                             "kernels (CUDA, float16/bfloat16 models), torch = the plugin's fp32 "
                             "path (any device); auto (default): punica where it can run")
+    serve.add_argument("--cuda-graphs", action="store_true",
+                       help="CUDA only: piecewise CUDA graphs split at the router (needs the "
+                            "punica apply; not yet run on a GPU) instead of the default "
+                            "--enforce-eager")
     _add_model(serve)
     serve.add_argument("--admin-token", default=None,
                        help="token the /v1/sola/ routes require in X-Sola-Admin-Token (default: "

@@ -32,9 +32,17 @@ def _patched(obj, **attrs):
 
 def interpreted_vllm_ops(small: bool):
     """vLLM's `_lora_shrink`/`_lora_expand` re-executed from their source files with the real
-    triton (the installed modules hold placeholder-decorated functions). Registration is
-    skipped through the modules' own `except AttributeError` fallback; sys.modules and
-    `vllm.triton_utils` are restored afterwards."""
+    triton (see `interpreted_vllm_modules`)."""
+    mods = interpreted_vllm_modules(small)
+    return mods["lora_shrink_op"].lora_shrink, mods["lora_expand_op"].lora_expand
+
+
+def interpreted_vllm_modules(small: bool) -> dict:
+    """vLLM's LoRA op modules ("kernel_utils", "lora_shrink_op", "lora_expand_op") re-executed
+    from their source files with the real triton (the installed modules hold
+    placeholder-decorated functions). Registration is skipped through the modules' own
+    `except AttributeError` fallback; sys.modules and `vllm.triton_utils` are restored
+    afterwards."""
     import triton
     import triton.language as tl
     import vllm.lora.ops.triton_ops as pkg
@@ -62,7 +70,7 @@ def interpreted_vllm_ops(small: bool):
     if small:
         for n in ("lora_shrink_op", "lora_expand_op"):
             mods[n].get_lora_op_configs = small_tiles
-    return mods["lora_shrink_op"].lora_shrink, mods["lora_expand_op"].lora_expand
+    return mods
 
 
 def clear_pointer_caches() -> None:

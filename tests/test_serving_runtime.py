@@ -217,22 +217,6 @@ def test_parallel_engines_are_refused_at_start(parallel):
         init_sola(None, vllm_config)
 
 
-@pytest.mark.parametrize("mode", ["PIECEWISE", "FULL_AND_PIECEWISE", "FULL"])
-def test_cuda_graphs_are_refused_at_start(mode):
-    """A replayed CUDA graph would skip the host-side routing of each step."""
-    from types import SimpleNamespace
-
-    from vllm.config import CUDAGraphMode
-
-    from sola_vllm.serving.models import check_graphs
-
-    check_graphs(SimpleNamespace(compilation_config=SimpleNamespace(
-        cudagraph_mode=CUDAGraphMode.NONE)))
-    with pytest.raises(ValueError, match=f"cudagraph_mode {mode}.*--enforce-eager"):
-        check_graphs(SimpleNamespace(compilation_config=SimpleNamespace(
-            cudagraph_mode=CUDAGraphMode[mode])))
-
-
 def test_serve_starts_cuda_engines_eager_unless_told_otherwise():
     from sola_vllm.serving.serve import build_command
 

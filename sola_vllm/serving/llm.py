@@ -44,17 +44,32 @@ def serving_config(model_path: Path, config: SolaConfig, **capacity) -> ServingC
                                     threshold=config.router.threshold, **capacity)
 
 
-def engine_kwargs(model_path: Path, serving: ServingConfig) -> dict:
-    """What vLLM needs to build the plugin's model; also sets the prefix-cache guard."""
+def engine_kwargs(model_path: Path, serving: ServingConfig, cuda_graphs: bool = False) -> dict:
+    """What vLLM needs to build the plugin's model; also sets the prefix-cache guard.
+    On CUDA the engine runs eager unless `cuda_graphs`: then piecewise CUDA graphs split at
+    the router (`graphs.graph_compilation_config`; not yet run on a GPU)."""
     os.environ[PREFIX_GUARD_ENV] = "1"
     # either model runner is hooked (V1 and Model Runner V2); vLLM picks it as usual
     kwargs = {"model": str(model_path),
               "hf_overrides": {"architectures": [serving.architecture],
                                "sola": serving.to_dict()},
               "worker_extension_cls": WORKER_EXTENSION}
-    if on_cuda():  # routing is not CUDA-graph-safe yet (models.check_graphs)
+    if cuda_graphs:
+        kwargs["compilation_config"] = cuda_graphs_config()
+    elif on_cuda():
         kwargs["enforce_eager"] = True
     return kwargs
+
+
+def cuda_graphs_config() -> dict:
+    """`graphs.graph_compilation_config`, refused where it cannot help: CPU engines capture
+    no CUDA graphs."""
+    from .graphs import graph_compilation_config
+
+    if not on_cuda():
+        raise ValueError("CUDA graphs need a CUDA device; this machine has none (drop "
+                         "--cuda-graphs / cuda_graphs=True)")
+    return graph_compilation_config()
 
 
 def on_cuda() -> bool:
@@ -66,9 +81,10 @@ def on_cuda() -> bool:
 class SolaLLM:
     def __init__(self, model: str | Path | None = None, config: SolaConfig | None = None, *,
                  max_edits: int = 1024, max_keys: int = 4096, max_rank: int = 8,
-                 apply: str = "auto", **llm_kwargs):
+                 apply: str = "auto", cuda_graphs: bool = False, **llm_kwargs):
         """apply: how routed LoRA deltas are added ("auto", "torch" or "punica", see
-        `ServingConfig.apply`)."""
+        `ServingConfig.apply`); cuda_graphs: on CUDA, piecewise graphs split at the router
+        instead of eager (see `graphs`)."""
         from vllm import LLM
 
         from ..models import resolve_model
@@ -78,7 +94,8 @@ class SolaLLM:
         self.serving = serving_config(self.model_path, self.config, max_edits=max_edits,
                                       max_keys=max_keys, max_rank=max_rank, apply=apply)
         # the caller's vLLM options win (enforce_eager included)
-        self.llm = LLM(**{**engine_kwargs(self.model_path, self.serving), **llm_kwargs})
+        kwargs = engine_kwargs(self.model_path, self.serving, cuda_graphs)
+        self.llm = LLM(**{**kwargs, **llm_kwargs})
 
     def close(self) -> None:
         """Stop the engine's processes now (instead of at interpreter exit)."""

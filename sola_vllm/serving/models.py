@@ -10,23 +10,13 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from ..arch import arch_for
+from .apply_backend import choose_apply
 from .config import ServingConfig
+from .graphs import check_graphs
 from .layers import lora_targets, patch_model
 from .ops import register_runtime
 from .runner_support import check_runner, find_runner
 from .runtime import SolaRuntime
-
-
-def check_graphs(vllm_config) -> None:
-    """Routing and the LoRA apply read each step's request layout on the host (`runtime.step`):
-    a replayed CUDA graph would skip that and apply whatever the capture saw. Until the forward
-    is graph-safe, CUDA graphs are refused (sola-vllm serve and SolaLLM start CUDA engines with
-    enforce_eager; CPU engines have no CUDA graphs)."""
-    mode = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
-    if mode is not None and mode.name != "NONE":
-        raise ValueError(f"sola-vllm cannot route under CUDA graphs yet (cudagraph_mode "
-                         f"{mode.name}): start vLLM with --enforce-eager (sola-vllm serve and "
-                         "SolaLLM do so on CUDA unless told otherwise)")
 
 
 def init_sola(model, vllm_config) -> SolaRuntime:
@@ -40,17 +30,17 @@ def init_sola(model, vllm_config) -> SolaRuntime:
                          "now")
     if vllm_config.lora_config is not None:
         raise ValueError("sola-vllm applies its own LoRAs: leave vLLM's --enable-lora off")
-    check_graphs(vllm_config)
     check_runner(find_runner())  # before any weight is patched: fail at engine start
+    # the model's dtype and device pick the apply backend (ServingConfig.apply); a punica
+    # backend checks vLLM's kernels here, so a wrong kernel stops the engine at start
+    device, dtype = next(model.parameters()).device, vllm_config.model_config.dtype
+    check_graphs(vllm_config, choose_apply(config.apply, device, dtype))
     arch = arch_for(config.model_type).name
     groups = lora_targets(model, arch, config.layers, config.modules)
     max_tokens = max(vllm_config.scheduler_config.max_num_batched_tokens,
                      vllm_config.model_config.max_model_len)
-    # the model's dtype and device pick the apply backend (ServingConfig.apply); a punica
-    # backend checks vLLM's kernels here, so a wrong kernel stops the engine at start
-    device = next(model.parameters()).device
     runtime = SolaRuntime(config, hf_config.hidden_size, list(groups.values()), max_tokens,
-                          dtype=vllm_config.model_config.dtype, device=device,
+                          dtype=dtype, device=device,
                           max_seqs=vllm_config.scheduler_config.max_num_seqs)
     patch_model(model, arch, config.layers[0], groups, runtime, register_runtime(runtime))
     return runtime

@@ -6,8 +6,8 @@ an `if`, `torch.unique`); `PunicaMeta.build` produces the same 7-tensor tuple fr
 `tok_slot` with sort/cumsum/scatter/where only, into preallocated buffers, so the whole step can
 be captured in a CUDA graph. The kernels' grid is fixed at `max_segments` edit groups: CTAs whose
 group id is -1 (the no-edit group and the padding) exit at once, so no host-side early exit is
-needed. `punica_backend.PunicaBackend` wires it into SolaRuntime (ServingConfig.apply); the
-forward is not captured in CUDA graphs yet (routing reads each step's layout on the host).
+needed. `punica_backend.PunicaBackend` wires it into SolaRuntime (ServingConfig.apply); under
+CUDA graphs the router builds the metadata eagerly between captured pieces (`graphs`).
 """
 
 from __future__ import annotations

@@ -103,9 +103,13 @@ def access_env(args, environ=os.environ) -> dict:
     return env
 
 
-def check_apply(apply: str) -> None:
-    """Refuse `--apply punica` before vLLM starts where no model could use it; the worker
-    checks again with the model's dtype (apply_backend.choose_apply)."""
+def check_apply(apply: str, cuda_graphs: bool = False) -> None:
+    """Refuse `--apply punica` before vLLM starts where no model could use it, and
+    `--cuda-graphs` with the torch apply; the worker checks again with the model's dtype
+    (apply_backend.choose_apply, graphs.check_graphs)."""
+    if cuda_graphs and apply == "torch":
+        raise ValueError("--cuda-graphs needs the punica apply (the torch apply is not "
+                         "graph-safe): use --apply auto or punica")
     if apply == "punica":
         from .apply_backend import host_blocker
 
@@ -124,6 +128,12 @@ def build_command(kwargs: dict, host: str, port: int, extra: list[str]) -> list[
         cmd += ["--served-model-name", Path(kwargs["model"]).name]
     if kwargs.get("enforce_eager") and not any(_chooses_graphs(a) for a in extra):
         cmd.append("--enforce-eager")
+    if "compilation_config" in kwargs:  # --cuda-graphs
+        chosen = [a for a in extra if _chooses_graphs(a)]
+        if chosen:
+            raise ValueError(f"--cuda-graphs sets the compilation config itself; drop "
+                             f"{chosen[0].split('=', 1)[0]}")
+        cmd += ["--compilation-config", json.dumps(kwargs["compilation_config"])]
     return cmd + list(extra)
 
 
@@ -143,8 +153,9 @@ def prepare(args, extra: list[str]) -> tuple[list[str], dict]:
                              canary_fraction=getattr(args, "canary_fraction", 0.0),
                              apply=getattr(args, "apply", "auto"))
     check_store(store, serving)
-    check_apply(serving.apply)
-    kwargs = engine_kwargs(model_path, serving)
+    cuda_graphs = getattr(args, "cuda_graphs", False)
+    check_apply(serving.apply, cuda_graphs)
+    kwargs = engine_kwargs(model_path, serving, cuda_graphs)
     env = build_env(store.path, model_path, config, cpu=not on_cuda())
     env.pop(ADMIN_TOKEN_ENV, None)  # an empty one from the environment means no token
     env.update(access)
