@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import commands
-from .serving.config import APPLY_BACKENDS
+from .serving.config import APPLY_BACKENDS, ROUTERS
 
 
 class CliError(Exception):
@@ -111,6 +111,10 @@ def _add_serve(sub) -> None:
                        help="how routed LoRA deltas are added: punica = vLLM's Triton LoRA "
                             "kernels (CUDA, float16/bfloat16 models), torch = the plugin's fp32 "
                             "path (any device); auto (default): punica where it can run")
+    serve.add_argument("--router", choices=ROUTERS, default="auto",
+                       help="the nearest-key search: triton = the plugin's Triton kernel (CUDA), "
+                            "torch = the fp32 torch search (any device); auto (default): triton "
+                            "on CUDA")
     serve.add_argument("--cuda-graphs", action="store_true",
                        help="CUDA only: piecewise CUDA graphs split at the router (needs the "
                             "punica apply; not yet run on a GPU) instead of the default "

@@ -18,6 +18,9 @@ SOLA_ARCHITECTURES = {
 # How the worker adds routed LoRA deltas: "torch" (LoraStacks, fp32, any device), "punica"
 # (vLLM's Triton lora_shrink/lora_expand: CUDA, fp16/bf16), "auto" (punica where it can run).
 APPLY_BACKENDS = ("auto", "torch", "punica")
+# Which nearest-key search routes key tokens: "torch" (nearest_key_ref, any device), "triton"
+# (the kernel in kernels/: CUDA), "auto" (triton on CUDA). Resolved in the worker (route_kernel.py).
+ROUTERS = ("auto", "torch", "triton")
 
 
 @dataclass(slots=True)
@@ -35,6 +38,7 @@ class ServingConfig:
     request_log: int = 10000  # routing decisions kept for provenance lookups (oldest dropped)
     canary_fraction: float = 0.0  # share of requests (by id hash) that see canary edits
     apply: str = "auto"  # one of APPLY_BACKENDS; resolved in the worker (apply_backend.py)
+    router: str = "auto"  # one of ROUTERS; resolved in the worker (route_kernel.py)
 
     def __post_init__(self) -> None:
         self.layers, self.modules = tuple(self.layers), tuple(self.modules)
@@ -50,6 +54,8 @@ class ServingConfig:
             raise ValueError(f"canary_fraction must be in [0, 1], got {self.canary_fraction!r}")
         if self.apply not in APPLY_BACKENDS:
             raise ValueError(f"apply {self.apply!r} is not one of {APPLY_BACKENDS}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"router {self.router!r} is not one of {ROUTERS}")
 
     @classmethod
     def from_shape(cls, shape: EditShape, model_type: str, model_fingerprint: str,

@@ -81,9 +81,11 @@ def on_cuda() -> bool:
 class SolaLLM:
     def __init__(self, model: str | Path | None = None, config: SolaConfig | None = None, *,
                  max_edits: int = 1024, max_keys: int = 4096, max_rank: int = 8,
-                 apply: str = "auto", cuda_graphs: bool = False, **llm_kwargs):
+                 apply: str = "auto", router: str = "auto", cuda_graphs: bool = False,
+                 **llm_kwargs):
         """apply: how routed LoRA deltas are added ("auto", "torch" or "punica", see
-        `ServingConfig.apply`); cuda_graphs: on CUDA, piecewise graphs split at the router
+        `ServingConfig.apply`); router: the nearest-key search ("auto", "torch" or "triton",
+        `ServingConfig.router`); cuda_graphs: on CUDA, piecewise graphs split at the router
         instead of eager (see `graphs`)."""
         from vllm import LLM
 
@@ -92,7 +94,8 @@ class SolaLLM:
         self.model_path = resolve_model(model)
         self.config = config or SolaConfig()
         self.serving = serving_config(self.model_path, self.config, max_edits=max_edits,
-                                      max_keys=max_keys, max_rank=max_rank, apply=apply)
+                                      max_keys=max_keys, max_rank=max_rank, apply=apply,
+                                      router=router)
         # the caller's vLLM options win (enforce_eager included)
         kwargs = engine_kwargs(self.model_path, self.serving, cuda_graphs)
         self.llm = LLM(**{**kwargs, **llm_kwargs})

@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sola_vllm.kernels.nearest_key import nearest_key_ref, unit_rows
+from sola_vllm.kernels.nearest_key import unit_rows
 
 from ..edit import STATES, Edit, mismatch
 from ..preflight import KeyGroup, check
 from .apply_backend import Kernels, make_lora_backend
 from .config import ServingConfig
 from .provenance import RequestLog
+from .route_kernel import choose_router, make_nearest
 
 UNDECIDED = -2
 MAX_PENDING_CAPTURES = 4096
@@ -93,6 +94,8 @@ class SolaRuntime:
         self.targets = targets  # per patched vLLM linear: the edited modules it holds
         self.lora = make_lora_backend(config, targets, max_num_tokens, dtype=dtype,
                                       device=device, max_seqs=max_seqs, kernels=kernels)
+        self.router = choose_router(config.router, device)  # "torch" or "triton"
+        self._nearest = make_nearest(self.router)
         # vLLM builds models under the model dtype and device as torch's defaults, and runs
         # the forward outside them: name both explicitly, here and per forward (`route`)
         on = dict(device=device)
@@ -359,8 +362,8 @@ class SolaRuntime:
         step = self.step
         keys, owners, units = self.routed_keys(opted_in)
         queries = hidden[todo].float()  # [n_key, d]
-        slots, dists, _ = nearest_key_ref(queries, keys, owners, self.config.threshold,
-                                          self.config.metric, key_units=units)
+        slots, dists, _ = self._nearest(queries, keys, owners, self.config.threshold,
+                                        self.config.metric, key_units=units)
         for t, slot, dist in zip(todo, slots.tolist(), dists.tolist(), strict=True):
             req_id = step.req_ids[int(rows[t])]
             self.routes[req_id] = slot

@@ -119,6 +119,18 @@ def check_apply(apply: str, cuda_graphs: bool = False) -> None:
                              "or auto)")
 
 
+def check_router(router: str) -> None:
+    """Refuse `--router triton` before vLLM starts where the kernel cannot run; the worker
+    checks again for the model's device (route_kernel.choose_router)."""
+    if router == "triton":
+        from .route_kernel import triton_blocker
+
+        blocker = triton_blocker("cuda" if on_cuda() else "cpu")
+        if blocker:
+            raise ValueError(f"--router triton cannot run here: {blocker} (use --router torch "
+                             "or auto)")
+
+
 def build_command(kwargs: dict, host: str, port: int, extra: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", SERVER_MODULE, "--model", kwargs["model"],
            "--host", host, "--port", str(port),
@@ -151,10 +163,12 @@ def prepare(args, extra: list[str]) -> tuple[list[str], dict]:
                              max_keys=args.max_keys, max_rank=args.max_rank,
                              request_log=args.request_log,
                              canary_fraction=getattr(args, "canary_fraction", 0.0),
-                             apply=getattr(args, "apply", "auto"))
+                             apply=getattr(args, "apply", "auto"),
+                             router=getattr(args, "router", "auto"))
     check_store(store, serving)
     cuda_graphs = getattr(args, "cuda_graphs", False)
     check_apply(serving.apply, cuda_graphs)
+    check_router(serving.router)
     kwargs = engine_kwargs(model_path, serving, cuda_graphs)
     env = build_env(store.path, model_path, config, cpu=not on_cuda())
     env.pop(ADMIN_TOKEN_ENV, None)  # an empty one from the environment means no token
