@@ -149,6 +149,43 @@ def test_chunked_prefill_prefix_caching_and_preemption_do_not_change_outputs(
     assert [cached[0], cached[1], cached[2], cached[5]] == want
 
 
+def test_the_forward_split_at_the_router_equals_the_eager_engine(sola, plain, edits,
+                                                                 default_model_path, tmp_path):
+    """What `--cuda-graphs` configures, minus the capture (no CUDA here): vLLM's piecewise
+    compilation with `graphs.graph_compilation_config`'s splitting ops, forced on CPU in
+    another process (tests/piecewise_engine.py). The router is a piece of its own, run
+    eagerly; every LoRA apply is inside Inductor-compiled pieces; tokens equal the eager
+    engine's, routed and unrouted, and revoking gives plain vLLM's."""
+    import json
+    import subprocess
+    import sys
+
+    prompts = [ROME, UNRELATED[0], MARS, ITALY[0], LONG_ROUTED, UNRELATED[1]]
+    files = []
+    for edit in edits.values():
+        files.append(str(tmp_path / f"{edit.id}.edit"))
+        (tmp_path / f"{edit.id}.edit").write_bytes(edit.to_bytes())
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"edits": files, "prompts": prompts, "revoke": "rome",
+                                "max_tokens": MAX_TOKENS}))
+    script = os.path.join(os.path.dirname(__file__), "piecewise_engine.py")
+    run = subprocess.run([sys.executable, script, str(default_model_path), str(spec)],
+                         capture_output=True, text=True, timeout=900)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stderr[-3000:]
+    got = json.loads(lines[-1][len("RESULT "):])
+    routers = [p for p in got["pieces"] if "sola.route" in p["sola_ops"]]
+    appliers = [p for p in got["pieces"] if "sola.lora_apply" in p["sola_ops"]]
+    assert len(routers) == 1 and routers[0]["eager"] and routers[0]["ops"] == 1
+    assert appliers and not any(p["eager"] for p in appliers)
+    assert all(p["id"] > routers[0]["id"] for p in appliers)
+    eager = sola_tokens(sola, prompts)
+    assert got["tokens"] == eager
+    assert got["tokens"][0] != plain_tokens(plain, [ROME])[0]  # routed: edited
+    assert got["revoked"][0] == plain_tokens(plain, [ROME])[0]
+    assert got["revoked"][1:] == eager[1:]
+
+
 def test_in_flight_request_keeps_its_edit_when_revoked(sola, plain):
     from vllm import SamplingParams
 

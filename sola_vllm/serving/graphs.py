@@ -20,9 +20,11 @@ Hence the conditions `check_graphs` enforces at engine start: graphs only in PIE
 the punica apply (the torch apply's `nonzero`/`unique` have data-dependent shapes). vLLM's
 breakable CUDA graphs (VLLM_USE_BREAKABLE_CUDAGRAPH=1) break only at vLLM's own ops: refused.
 
-Status: tested on CPU (the graph split with vLLM's own `split_graph`, and replays of recorded
-kernel launches against the eager apply, tests/test_cuda_graphs.py); not yet run on a GPU, so
-CUDA engines stay eager unless graphs are asked for (`serve --cuda-graphs`,
+Status: tested on CPU: the split with vLLM's own `split_graph` and replays of recorded kernel
+launches against the eager apply (tests/test_cuda_graphs.py), and the default model under
+vLLM's piecewise compilation with these splitting ops, forced on CPU, giving the eager engine's
+tokens (tests/test_vllm_plugin.py, tests/piecewise_engine.py). No graph has been captured on a
+GPU yet, so CUDA engines stay eager unless graphs are asked for (`serve --cuda-graphs`,
 `SolaLLM(cuda_graphs=True)`).
 """
 
