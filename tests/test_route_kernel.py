@@ -93,6 +93,24 @@ def test_the_triton_router_without_keys_routes_nowhere():
     assert r.routes == {"r0": -1, "r1": -1, "r2": -1}
 
 
+@needs_triton
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_a_triton_router_that_routes_otherwise_stops_the_engine_at_start(monkeypatch, metric):
+    route_kernel.self_check(route_kernel.make_nearest("triton"), HIDDEN, DEVICE, metric, 0.01)
+    kernels = route_kernel.kernels
+
+    def off_by_one(queries, keys, owners, threshold, metric, key_units=None):
+        slot, dist, index = kernels.nearest_key(queries.contiguous(), keys, owners, threshold,
+                                                metric)
+        return torch.where(slot >= 0, (slot + 1) % 5, slot), dist, index
+
+    monkeypatch.setattr(route_kernel, "make_nearest", lambda choice: off_by_one)
+    monkeypatch.setattr("sola_vllm.serving.runtime.make_nearest", lambda choice: off_by_one)
+    with pytest.raises(route_kernel.RouterCheckError, match="disagrees .* on slots"):
+        runtime("triton", metric, 0.01)
+    assert runtime("torch", metric, 0.01).router == "torch"  # the reference is never checked
+
+
 def test_the_router_is_chosen_once_and_an_impossible_triton_router_is_refused(monkeypatch):
     assert choose_router("auto", "cpu") == "torch"  # the interpreter is for tests only
     assert choose_router("torch", "cuda") == "torch"

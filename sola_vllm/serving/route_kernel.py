@@ -7,7 +7,9 @@ the same semantics and tie-break, reading every key once per step (benchmarks/ro
 with the reason, never quietly served by the other search.
 
 Both return (edit slot int32 [S], distance fp32 [S], key index int64 [S]) for queries [S, d]
-against the routed keys; `SolaRuntime._route_tokens` reads them on the host.
+against the routed keys; `SolaRuntime._route_tokens` reads them on the host. A Triton router is
+checked against the reference when the engine starts (`self_check`): a kernel that routes
+otherwise (an untested GPU, a Triton upgrade) stops the engine instead of misrouting edits.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ import torch
 from sola_vllm.kernels import nearest_key as kernels
 
 Nearest = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+class RouterCheckError(RuntimeError):
+    """The Triton router disagrees with the torch reference on this machine."""
 
 
 def interpreted() -> bool:
@@ -58,3 +64,24 @@ def make_nearest(choice: str) -> Nearest:
         return kernels.nearest_key(queries.contiguous(), keys, owners, threshold, metric)
 
     return nearest
+
+
+def self_check(nearest: Nearest, hidden_size: int, device: torch.device | str, metric: str,
+               threshold: float) -> None:
+    """20 queries (8 copies of stored keys, which must route to their owners, and 12 random
+    ones) against 37 random keys, through `nearest` and the reference: the same slots and key
+    indices, or RouterCheckError. 20 queries take the kernel's tl.dot ranking path."""
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(37, hidden_size, generator=gen)
+    owners = torch.arange(37, dtype=torch.int32) % 5
+    copies = keys[[0, 3, 9, 17, 22, 30, 35, 36]]
+    queries = torch.cat([copies, torch.randn(12, hidden_size, generator=gen) * 4])
+    want = kernels.nearest_key_ref(queries, keys, owners, threshold, metric)
+    on = dict(device=device)
+    got = nearest(queries.to(**on), keys.to(**on), owners.to(**on), threshold, metric)
+    for name, g, w in (("slots", got[0], want[0]), ("key indices", got[2], want[2])):
+        if not torch.equal(g.cpu().to(w.dtype), w):
+            raise RouterCheckError(
+                f"the Triton router disagrees with the torch reference on {name} ({metric}, "
+                f"{torch.device(device)}): {g.cpu().tolist()} vs {w.tolist()}; refusing to "
+                "route through it (start with router 'torch')")

@@ -31,7 +31,7 @@ from ..preflight import KeyGroup, check
 from .apply_backend import Kernels, make_lora_backend
 from .config import ServingConfig
 from .provenance import RequestLog
-from .route_kernel import choose_router, make_nearest
+from .route_kernel import choose_router, make_nearest, self_check
 
 UNDECIDED = -2
 MAX_PENDING_CAPTURES = 4096
@@ -96,6 +96,8 @@ class SolaRuntime:
                                       device=device, max_seqs=max_seqs, kernels=kernels)
         self.router = choose_router(config.router, device)  # "torch" or "triton"
         self._nearest = make_nearest(self.router)
+        if self.router == "triton":  # a wrong kernel stops the engine at start
+            self_check(self._nearest, hidden_size, device, config.metric, config.threshold)
         # vLLM builds models under the model dtype and device as torch's defaults, and runs
         # the forward outside them: name both explicitly, here and per forward (`route`)
         on = dict(device=device)
