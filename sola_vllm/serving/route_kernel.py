@@ -3,8 +3,8 @@
 "torch": `nearest_key_ref` (fp32, explicit differences; any device; the CPU path).
 "triton": the Triton kernel `kernels.nearest_key` (CUDA; or Triton's interpreter, in tests):
 the same semantics and tie-break, reading every key once per step (benchmarks/routing_kernel.py).
-"auto": triton where it can run, else torch. An explicit "triton" that cannot run is refused
-with the reason, never quietly served by the other search.
+"auto": triton on CUDA, else torch (the interpreter is for tests). An explicit "triton" that
+cannot run is refused with the reason, never quietly served by the other search.
 
 Both return (edit slot int32 [S], distance fp32 [S], key index int64 [S]) for queries [S, d]
 against the routed keys; `SolaRuntime._route_tokens` reads them on the host. A Triton router is
