@@ -162,11 +162,13 @@ def recorder_and_kernels():
     if INTERPRETED:
         mods = interpreted_vllm_modules(small=True)
         modules = [mods["lora_shrink_op"], mods["lora_expand_op"]]
-        kernels = (mods["lora_shrink_op"].lora_shrink, mods["lora_expand_op"].lora_expand)
-    else:  # CUDA: vLLM's registered ops, whose launchers look the kernels up in these modules
+    else:  # CUDA: vLLM's installed modules
         from vllm.lora.ops.triton_ops import lora_expand_op, lora_shrink_op
 
-        modules, kernels = [lora_shrink_op, lora_expand_op], None
+        modules = [lora_shrink_op, lora_expand_op]
+    # the Python launchers, not the registered custom ops: the recorder must see the launchers'
+    # own torch ops (a custom op is one opaque call to the dispatcher)
+    kernels = (modules[0]._lora_shrink, modules[1]._lora_expand)
     recorder = LaunchRecorder(modules, KERNEL_NAMES)
     yield recorder, kernels
     recorder.restore()
