@@ -74,6 +74,8 @@ def test_the_triton_router_routes_every_request_as_the_torch_router(metric, thre
         r.step = meta
         r.route(hidden.to(DEVICE))
     triton, torch_ = runtimes
+    assert triton.routed_keys(False)[2] is None  # no unit-key copy for the kernel
+    assert (torch_.routed_keys(False)[2] is None) == (metric == "l2")
     assert triton.routes == torch_.routes
     assert torch.equal(triton.tok_slot.cpu(), torch_.tok_slot.cpu())
     assert np.array_equal(triton.hits, torch_.hits)

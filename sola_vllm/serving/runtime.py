@@ -259,7 +259,10 @@ class SolaRuntime:
                 owned &= ~self.slot_canary[self.key_owner.clamp_min(0).long()]
             rows = owned.nonzero().squeeze(1)
             keys = self.keys[rows].contiguous()
-            units = unit_rows(keys) if self.config.metric == "cosine" else None
+            # unit keys serve the torch search only (the kernel normalizes in place): on CUDA a
+            # second copy of a large key table would cost as much memory as the table
+            cosine = self.config.metric == "cosine" and self.router == "torch"
+            units = unit_rows(keys) if cosine else None
             self._key_tables[opted_in] = (keys, self.key_owner[rows].contiguous(), units)
         return self._key_tables[opted_in]
 
