@@ -174,6 +174,7 @@ def throughput_section(data: dict | None) -> list[str]:
 # later runs, each in its own file: (file, section title)
 EXTRA_RUNS = [
     ("serving_throughput_10k.json", "10,000 resident edits, with the warmed, paired method"),
+    ("serving_throughput_10k_quiet.json", "10,000 resident edits, rerun on a quiet machine"),
     ("serving_throughput_http.json", "HTTP, every routed share, with the warmed, paired method"),
 ]
 
