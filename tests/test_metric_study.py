@@ -84,14 +84,19 @@ def test_bad_fit_inputs_are_refused():
 def test_hard_negatives_never_come_from_the_fitted_split():
     zsre, facts = load(ZSRE), load(FACTS)
     test = facts.split("test")
-    edits, hard = edits_and_hard_negatives(test, facts, same=True)
+    edits, hard = edits_and_hard_negatives(test, facts, "test", same=True)
     edit_subjects = {c.subject.lower() for c in edits}
     held = [c for c in test if c.prompt in set(hard)]
     assert edits and hard and not edit_subjects & {c.subject.lower() for c in held}
     assert not {c.prompt for c in facts.split("dev")} & set(hard)
-    edits, hard = edits_and_hard_negatives(zsre.split("test"), zsre, same=False)
+    edits, hard = edits_and_hard_negatives(zsre.split("test"), zsre, "test", same=False)
     assert len(edits) == len(zsre.split("test"))
     assert hard == [c.prompt for c in zsre.split("dev")]
+    # measuring the dev split (to choose defaults): the test split gives the hard negatives
+    edits, hard = edits_and_hard_negatives(zsre.split("dev"), zsre, "dev", same=False)
+    assert hard == [c.prompt for c in zsre.split("test")]
+    with pytest.raises(ValueError, match="fitted on this dataset's dev split"):
+        edits_and_hard_negatives(facts.split("dev"), facts, "dev", same=True)
 
 
 @needs_data

@@ -1,5 +1,5 @@
 """Routing study with a learned distance: a linear map fitted on one dataset's dev pairs
-(prompt, paraphrase), measured on another dataset's test split.
+(prompt, paraphrase), measured on another dataset's test (or dev) split.
 
     python -m sola_vllm.eval.metric_study --train ../shared/data/rome_known_1000.json \
         --data ../shared/data/zsre_mend_eval_1000.json --one-per-subject
@@ -10,9 +10,10 @@ own paraphrase than every other subject's prompt and paraphrase (and, with `--ot
 than its own subject asked another relation). Nothing of the measured dataset is seen while
 fitting when `--train` names another file, and paraphrases are never keys.
 
-Edits are the measured dataset's test split; negatives are its locality prompts and its dev
-split's prompts (hard negatives: the same style, other subjects; when `--train` is the same
-file, a held-out third of the test subjects instead). The threshold is set so that `--keep`
+Edits are the measured dataset's `--split` (test by default; dev for choosing defaults);
+negatives are its locality prompts and the other split's prompts (hard negatives: the same
+style, other subjects; when `--train` is the same file, a held-out third of the test subjects
+instead). The threshold is set so that `--keep`
 of the locality prompts *and* `--keep` of the hard negatives stay unrouted (stricter than
 `routing_study`, which pools them: easy locality prompts would hide hard false fires).
 """
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import EditCase, load, one_per_subject
+from .data import SPLITS, EditCase, load, one_per_subject
 from .routing_study import _score, nearest, query_rows
 from .states import residual_states
 
@@ -148,12 +149,15 @@ def measure(engine, cases: list[EditCase], hard: list[str], layer: int, mode: st
     return rows
 
 
-def edits_and_hard_negatives(cases: list[EditCase], data, same: bool):
-    """Hard negatives are the measured dataset's dev prompts, unless the metric was fitted on
-    that dev split: then the last third of the test subjects (in file order) gives them and
-    the rest are the edits, so no negative was seen while fitting."""
+def edits_and_hard_negatives(cases: list[EditCase], data, split: str, same: bool):
+    """Hard negatives are the prompts of the measured dataset's other split, unless the metric
+    was fitted on its dev split: then the last third of the test subjects (in file order) gives
+    them and the rest are the edits, so no negative was seen while fitting."""
     if not same:
-        return cases, [c.prompt for c in data.split("dev")]
+        return cases, [c.prompt for c in data.split("test" if split == "dev" else "dev")]
+    if split == "dev":
+        raise ValueError("the metric was fitted on this dataset's dev split: measure its test "
+                         "split, or fit on another dataset")
     subjects = list(dict.fromkeys(c.subject.lower() for c in cases))
     held_out = set(subjects[2 * len(subjects) // 3:])
     return ([c for c in cases if c.subject.lower() not in held_out],
@@ -165,7 +169,8 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--train", required=True, help="dataset whose dev pairs fit the metric")
-    p.add_argument("--data", required=True, help="dataset measured (its test split)")
+    p.add_argument("--data", required=True, help="dataset measured")
+    p.add_argument("--split", choices=SPLITS, default="test", help="split of --data measured")
     p.add_argument("--model", default=None)
     p.add_argument("--layers", default="8,16")
     p.add_argument("--modes", default="mean1,last", help="query rows: mean1, mean or last")
@@ -175,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="fit with same-subject, other-relation negatives (CounterFact only)")
     p.add_argument("--one-per-subject", action="store_true")
     p.add_argument("--keep", type=float, default=0.99)
-    p.add_argument("--hard", type=int, default=500, help="hard negatives (dev-split prompts)")
+    p.add_argument("--hard", type=int, default=500, help="hard negatives (other-split prompts)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     train, data = load(args.train), load(args.data)
@@ -184,11 +189,15 @@ def main(argv: list[str] | None = None) -> None:
         fit_cases = [c for c in fit_cases if c.other_relation]
         if not fit_cases:
             raise SystemExit(f"{args.train} has no other-relation prompts to fit with")
-    cases = data.split("test")
+    cases = data.split(args.split)
     if args.one_per_subject:
         cases = one_per_subject(cases)
     cases = [c for c in cases if c.paraphrases]
-    cases, hard = edits_and_hard_negatives(cases, data, same=train.path == data.path)
+    try:
+        cases, hard = edits_and_hard_negatives(cases, data, args.split,
+                                               same=train.path == data.path)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     hard = hard[:args.hard]
     engine = RoutedEngine.from_pretrained(args.model)
     started = time.perf_counter()
@@ -205,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
                                                                                 cfg, z)
             rows += measure(engine, cases, hard, layer, mode, transforms, args.keep)
     report = {"train": train.name, "train_pairs": len(fit_cases), "data": data.name,
-              "split": "test", "edits": len(cases), "hard_negatives": len(hard),
+              "split": args.split, "edits": len(cases), "hard_negatives": len(hard),
               "keep": args.keep, "one_per_subject": args.one_per_subject,
               "other_relation": args.other_relation,
               "seconds": round(time.perf_counter() - started, 1), "rows": rows}
