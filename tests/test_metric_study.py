@@ -14,8 +14,10 @@ from sola_vllm.eval.metric_study import (
     edits_and_hard_negatives,
     fit_linear_metric,
     measure,
+    measured_groups,
     pair_rows,
 )
+from sola_vllm.eval.routing_study import group_states
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 ZSRE, FACTS = SHARED / "zsre_mend_eval_1000.json", SHARED / "rome_known_1000.json"
@@ -108,8 +110,9 @@ def test_measure_routes_every_prompt_to_its_own_key_on_the_real_model(default_en
     x, y, z = pair_rows(default_engine, fit, 8, "mean1", other_relation=True)
     assert x.shape == y.shape == z.shape == (12, x.shape[1])
     metric = fit_linear_metric(x, y, [c.subject for c in fit], FitConfig(dim=8, steps=10), z)
-    rows = measure(default_engine, cases, hard, 8, "mean1",
-                   {"cosine": lambda v: v, "learned": metric}, keep=0.99)
+    by_group = group_states(default_engine, measured_groups(cases, hard), [8])[8]
+    rows = measure(by_group, cases, 8, "mean1", {"cosine": lambda v: v, "learned": metric},
+                   keep=0.99)
     assert [r["metric"] for r in rows] == ["cosine", "learned"]
     for row in rows:  # a prompt is its own key: nearest, at distance ~0 under any threshold
         assert row["prompt_nearest_own"] == 1.0 and row["prompt_hit_own"] == 1.0

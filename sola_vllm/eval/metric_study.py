@@ -13,15 +13,14 @@ fitting when `--train` names another file, and paraphrases are never keys.
 Edits are the measured dataset's `--split` (test by default; dev for choosing defaults);
 negatives are its locality prompts and the other split's prompts (hard negatives: the same
 style, other subjects; when `--train` is the same file, a held-out third of the test subjects
-instead). The threshold is set so that `--keep`
-of the locality prompts *and* `--keep` of the hard negatives stay unrouted (stricter than
-`routing_study`, which pools them: easy locality prompts would hide hard false fires).
+instead). The threshold is set so that `--keep` of the locality prompts *and* `--keep` of the
+hard negatives stay unrouted (stricter than `routing_study`, which pools them: easy locality
+prompts would hide hard false fires).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import SPLITS, EditCase, load, one_per_subject
-from .routing_study import _score, nearest, query_rows
-from .states import residual_states
+from .routing_study import _score, group_states, nearest, query_rows, write_report
 
 MASKED = -1e4  # logit of a pair that is neither a positive nor a negative (same subject)
 
@@ -109,34 +107,41 @@ def fit_linear_metric(prompts: torch.Tensor, paraphrases: torch.Tensor, groups: 
     return LinearMetric(mean=mean, scale=scale, proj=proj.detach())
 
 
-def pair_rows(engine, cases: list[EditCase], layer: int, mode: str, other_relation: bool):
-    """Query rows of the cases' (prompt, first paraphrase[, first other-relation prompt])."""
-    texts = [c.prompt for c in cases] + [c.paraphrases[0] for c in cases]
+def fit_groups(cases: list[EditCase], other_relation: bool) -> dict[str, list[str]]:
+    """The texts a metric is fitted on: each case's prompt, first paraphrase and, optionally,
+    first other-relation prompt."""
+    groups = {"prompt": [c.prompt for c in cases], "paraphrase": [c.paraphrases[0] for c in cases]}
     if other_relation:
-        texts += [c.other_relation[0] for c in cases]
-    states = residual_states(engine, texts, [layer])
-    rows = torch.cat([query_rows(s[layer], mode) for s in states])
-    n = len(cases)
-    return rows[:n], rows[n:2 * n], (rows[2 * n:] if other_relation else None)
+        groups["other_relation"] = [c.other_relation[0] for c in cases]
+    return groups
 
 
-def measure(engine, cases: list[EditCase], hard: list[str], layer: int, mode: str,
-            transforms: dict, keep: float) -> list[dict]:
-    """Route `cases`' paraphrases (and negatives) against keys from their prompts under each
-    transform; one `_score` row per transform."""
-    groups = {
+def fit_rows(by_group: dict[str, list[torch.Tensor]], mode: str):
+    """(prompt, paraphrase, other-relation or None) query rows [n, d] from `fit_groups` states."""
+    rows = {g: torch.cat([query_rows(s, mode) for s in v]) for g, v in by_group.items()}
+    return rows["prompt"], rows["paraphrase"], rows.get("other_relation")
+
+
+def pair_rows(engine, cases: list[EditCase], layer: int, mode: str, other_relation: bool):
+    """`fit_rows` of `cases` at one layer, states read here."""
+    return fit_rows(group_states(engine, fit_groups(cases, other_relation), [layer])[layer], mode)
+
+
+def measured_groups(cases: list[EditCase], hard: list[str]) -> dict[str, list[str]]:
+    return {
         "prompt": [c.prompt for c in cases],
         "paraphrase": [c.paraphrases[0] for c in cases],
         "other_relation": [p for c in cases for p in c.other_relation[:1]],
         "locality": [c.locality[0] for c in cases if c.locality],
         "hard_negative": hard,
     }
-    texts = [t for v in groups.values() for t in v]
-    states = [s[layer] for s in residual_states(engine, texts, [layer])]
-    by_group, offset = {}, 0
-    for g, v in groups.items():
-        by_group[g] = states[offset:offset + len(v)]
-        offset += len(v)
+
+
+def measure(by_group: dict[str, list[torch.Tensor]], cases: list[EditCase], layer: int,
+            mode: str, transforms: dict, keep: float) -> list[dict]:
+    """Route `cases`' paraphrases (and negatives) against keys from their prompts under each
+    transform; `by_group`: the states of `measured_groups` at `layer`. One `_score` row per
+    transform."""
     owner = {"prompt": list(range(len(cases))), "paraphrase": list(range(len(cases)))}
     rows = []
     for name, transform in transforms.items():
@@ -201,26 +206,27 @@ def main(argv: list[str] | None = None) -> None:
     hard = hard[:args.hard]
     engine = RoutedEngine.from_pretrained(args.model)
     started = time.perf_counter()
+    layers = [int(x) for x in args.layers.split(",")]
+    fit_states = group_states(engine, fit_groups(fit_cases, args.other_relation), layers)
+    measured = group_states(engine, measured_groups(cases, hard), layers)
+    subjects = [c.subject.lower() for c in fit_cases]
     rows = []
-    for layer in (int(x) for x in args.layers.split(",")):
+    for layer in layers:
         for mode in args.modes.split(","):
-            x, y, z = pair_rows(engine, fit_cases, layer, mode, args.other_relation)
-            groups = [c.subject.lower() for c in fit_cases]
+            x, y, z = fit_rows(fit_states[layer], mode)
             transforms = {"cosine": lambda v: v}
             for dim in (int(v) for v in args.dims.split(",")):
                 for seed in range(args.seeds):
                     cfg = FitConfig(dim=dim, seed=seed)
-                    transforms[f"learned-{dim}-seed{seed}"] = fit_linear_metric(x, y, groups,
+                    transforms[f"learned-{dim}-seed{seed}"] = fit_linear_metric(x, y, subjects,
                                                                                 cfg, z)
-            rows += measure(engine, cases, hard, layer, mode, transforms, args.keep)
+            rows += measure(measured[layer], cases, layer, mode, transforms, args.keep)
     report = {"train": train.name, "train_pairs": len(fit_cases), "data": data.name,
               "split": args.split, "edits": len(cases), "hard_negatives": len(hard),
               "keep": args.keep, "one_per_subject": args.one_per_subject,
               "other_relation": args.other_relation,
               "seconds": round(time.perf_counter() - started, 1), "rows": rows}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

@@ -133,16 +133,11 @@ def study(engine, cases: list[EditCase], hard: list[str], layers: list[int],
     }
     owner = {"prompt": list(range(len(cases))),
              "paraphrase": [i for i, c in enumerate(cases) for _ in c.paraphrases[:1]]}
-    all_prompts = [p for g in groups.values() for p in g]
-    states = residual_states(engine, all_prompts, layers)
-    sizes = {g: len(v) for g, v in groups.items()}
+    states = group_states(engine, groups, layers)
     anchor = [subject_token(engine, c.prompt, c.subject_span) for c in cases]
     rows = []
     for layer in layers:
-        by_group, offset = {}, 0
-        for g, n in sizes.items():
-            by_group[g] = [s[layer] for s in states[offset:offset + n]]
-            offset += n
+        by_group = states[layer]
         for mode, kind in ((m, k) for m in modes for k in transforms):
             if mode == "gated":
                 if kind == "raw":
@@ -169,6 +164,26 @@ def study(engine, cases: list[EditCase], hard: list[str], layers: list[int],
                        "threshold": tau}
                 rows.append(_score(row, res, tau, cases, owner))
     return rows
+
+
+def group_states(engine, groups: dict[str, list[str]],
+                 layers: list[int]) -> dict[int, dict[str, list[torch.Tensor]]]:
+    """{layer: {group: per-prompt states [T, d]}} of every group's prompts, read in one pass."""
+    texts = [t for v in groups.values() for t in v]
+    states = residual_states(engine, texts, layers)
+    out = {}
+    for layer in layers:
+        out[layer], offset = {}, 0
+        for g, v in groups.items():
+            out[layer][g] = [s[layer] for s in states[offset:offset + len(v)]]
+            offset += len(v)
+    return out
+
+
+def write_report(path: Path | None, report: dict) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1))
 
 
 def _score(row: dict, res: dict, tau: float, cases: list[EditCase], owner: dict) -> dict:
@@ -233,9 +248,7 @@ def main(argv: list[str] | None = None) -> None:
               "background": len(background), "relation_threshold": args.relation_threshold,
               "keep": args.keep, "one_per_subject": args.one_per_subject,
               "seconds": round(time.perf_counter() - started, 1), "rows": rows}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":
