@@ -1,5 +1,6 @@
 """Per-architecture facts: where the decoder layers live, which linear modules may carry an edit,
-and the default layer set. The first edited layer is where the routing key is read (decision 1).
+and the default layer set. The routing key is read entering the first edited layer (decision 1),
+or an earlier `route_layer` when configured.
 """
 
 from __future__ import annotations
@@ -68,15 +69,38 @@ class EditShape:
     modules: tuple[str, ...]
     rank: int
     scale: float
+    key_pool: str = "last"  # how routing keys pool the route layer's states (KEY_POOLS)
+    route_layer: int | None = None  # resolved: the first edited layer when not given
+
+    def __post_init__(self) -> None:
+        if self.route_layer is None:
+            object.__setattr__(self, "route_layer", self.layers[0])
+        if self.route_layer > self.layers[0]:
+            raise ValueError(f"route_layer {self.route_layer} comes after the first edited "
+                             f"layer {self.layers[0]}: the route must be decided before an "
+                             "edit applies")
 
     @property
     def key_layer(self) -> int:
+        """The first edited layer: training starts there (its input is cached)."""
         return self.layers[0]
 
+    @property
+    def default_keys(self) -> bool:
+        """Keys as the paper reads them: the last token, entering the first edited layer."""
+        return self.key_pool == "last" and self.route_layer == self.layers[0]
+
     def fingerprint(self) -> str:
-        """What an edit must share with the engine it loads into (its *layer set*)."""
-        return fingerprint({"arch": self.arch, "layers": list(self.layers),
-                            "modules": list(self.modules)})
+        """What an edit must share with the engine it loads into: its layer set and, when not
+        the paper's, how its keys were read (so default-keyed stores keep their fingerprint)."""
+        data = {"arch": self.arch, "layers": list(self.layers), "modules": list(self.modules)}
+        if not self.default_keys:
+            data["keys"] = {"pool": self.key_pool, "layer": self.route_layer}
+        return fingerprint(data)
+
+    def describe_keys(self) -> str:
+        pooled = "last-token" if self.key_pool == "last" else f"{self.key_pool}-pooled"
+        return f"{pooled} keys entering layer {self.route_layer}"
 
 
 def resolve(config: EditConfig, model_type: str, num_layers: int) -> EditShape:
@@ -92,4 +116,4 @@ def resolve(config: EditConfig, model_type: str, num_layers: int) -> EditShape:
             raise ValueError(f"module {module!r} is not an editable {spec.name} module; "
                              f"choose from {list(spec.modules)}")
     return EditShape(spec.name, num_layers, tuple(layers), tuple(modules), config.rank,
-                     float(config.scale))
+                     float(config.scale), config.key_pool, config.route_layer)

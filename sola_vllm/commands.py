@@ -280,7 +280,8 @@ def _offline_check(args, store: EditStore, edit, state: str,
               for e in (store.load().edits if store.exists() else [])
               if e.state in ("active", "canary")]
     new = KeyGroup(edit.id, state, edit.keys.float(), edit.prompts)
-    return preflight.check(new, routed, router.threshold, router.metric)
+    return preflight.check(new, routed, router.threshold, router.metric,
+                           key_map=router.load_key_map())
 
 
 def _refuse_collisions(check: dict, force: bool) -> dict:

@@ -16,6 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 METRICS = ("l2", "cosine")
+# How a prompt's routing key pools the residual states entering the route layer: "last" (its
+# last token, the paper's choice) or "mean" (the mean over every prompt token but the first,
+# whose state is an outlier every prompt shares); see `keys.pool_keys`.
+KEY_POOLS = ("last", "mean")
+DEFAULT_THRESHOLD = 0.006  # cosine, last-token keys (see RouterConfig)
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
 
@@ -43,6 +48,10 @@ class EditConfig:
     # steps (median 6 vs 7; benchmarks/edit_defaults.py). Costs 2x the LoRA memory per edit.
     rank: int = 8
     scale: float = 1.0  # delta = scale * B @ A @ x  (PEFT's lora_alpha / r)
+    # the routing key: states entering `route_layer` (None: the first edited layer; it must not
+    # come after it, the route is needed before the first LoRA applies), pooled by `key_pool`
+    key_pool: str = "last"
+    route_layer: int | None = None
 
     def __post_init__(self) -> None:
         if self.layers is not None:
@@ -64,6 +73,16 @@ class EditConfig:
         _check(self.rank <= 256, f"rank {self.rank} is larger than the supported maximum 256")
         _check(_finite_number(self.scale) and self.scale > 0,
                f"scale must be a positive finite number, got {self.scale!r}")
+        _check(self.key_pool in KEY_POOLS,
+               f"key_pool {self.key_pool!r} is not one of {KEY_POOLS}")
+        if self.route_layer is not None:
+            _check(isinstance(self.route_layer, int) and not isinstance(self.route_layer, bool)
+                   and self.route_layer >= 0,
+                   f"route_layer must be a non-negative int, got {self.route_layer!r}")
+            if self.layers is not None:
+                _check(self.route_layer <= self.layers[0],
+                       f"route_layer {self.route_layer} comes after the first edited layer "
+                       f"{self.layers[0]}: the route must be decided before an edit applies")
 
 
 @dataclass(slots=True)
@@ -83,15 +102,39 @@ class RouterConfig:
       and are never routed at any threshold below 0.1. A larger threshold buys paraphrase
       hits at the price of hard false fires (zsRE dev: 0.01 -> paraphrase 0.15, hard 2 %;
       0.02 -> 0.40, 8 %); `sola-vllm calibrate` measures this trade-off for a given store.
+
+    With `key_map` (a fitted linear map, `key_map.KeyMap`: a file path, or the name of a map
+    shipped in `sola_vllm/maps/`) keys and queries are compared after the map; the threshold
+    then defaults to the one the map was calibrated for.
     """
 
     metric: str = "cosine"
-    threshold: float = 0.006
+    threshold: float | None = None  # None: the key map's calibrated threshold, else 0.006
+    key_map: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.metric in METRICS, f"metric {self.metric!r} is not one of {METRICS}")
+        if self.key_map is not None:
+            _check(isinstance(self.key_map, str) and self.key_map != "",
+                   f"key_map must be a non-empty path or map name, got {self.key_map!r}")
+        if self.threshold is None:
+            self.threshold = self._default_threshold()
         _check(_finite_number(self.threshold) and self.threshold > 0,
                f"threshold must be a positive finite number, got {self.threshold!r}")
+
+    def _default_threshold(self) -> float:
+        if self.key_map is None:
+            return DEFAULT_THRESHOLD
+        calibrated = self.load_key_map().threshold
+        _check(calibrated is not None, f"key map {self.key_map!r} carries no calibrated "
+               "threshold: give router.threshold")
+        return float(calibrated)
+
+    def load_key_map(self):
+        """The configured `KeyMap`, or None (raises `KeyMapError`, a ValueError, if unusable)."""
+        from .key_map import KeyMap
+
+        return None if self.key_map is None else KeyMap.load(self.key_map)
 
 
 @dataclass(slots=True)

@@ -47,7 +47,7 @@ class Edit:
     id: str
     prompts: list[str]
     target: str
-    keys: torch.Tensor  # [num_keys, hidden] fp32: residual entering the key layer at the key token
+    keys: torch.Tensor  # [num_keys, hidden] fp32: raw routing keys (`keys.pool_keys`)
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]]  # "{layer}.{module}" -> (A, B)
     model_fingerprint: str
     shape_fingerprint: str
@@ -155,6 +155,10 @@ def mismatch(edit: Edit, model_fingerprint: str, shape_fingerprint: str, layers,
     if edit.model_fingerprint != model_fingerprint:
         return (f"edit {edit.id} was trained on base model {edit.model_fingerprint[:12]}..., "
                 f"{here} serves {model_fingerprint[:12]}...")
+    same_layers = list(edit.layers) == list(layers) and list(edit.modules) == list(modules)
+    if edit.shape_fingerprint != shape_fingerprint and same_layers:
+        return (f"edit {edit.id}'s routing keys were read otherwise (another key pool or route "
+                f"layer) than {here} reads them: recapture them with this configuration")
     if edit.shape_fingerprint != shape_fingerprint:
         return (f"edit {edit.id} edits layers {edit.layers} modules {edit.modules}; {here} "
                 f"edits layers {list(layers)} modules {list(modules)}")

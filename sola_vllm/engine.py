@@ -1,8 +1,10 @@
 """The reference routed engine on transformers: the ground truth the vLLM plugin must match.
 
-A frozen base model, a set of edits, per-sequence nearest-key routing at the first edited layer
-(decision 1), the edit's LoRA applied from the key token on (decision 2), and a route decided
-once per request at its key token and kept for every decode step (decision 3).
+A frozen base model, a set of edits, per-sequence nearest-key routing by keys read entering the
+route layer (the first edited layer unless configured, pooled as `EditShape.key_pool` says,
+compared after the router's key map if one is configured; decision 1), the edit's LoRA applied
+from the key token on (decision 2), and a route decided once per request at its key token and
+kept for every decode step (decision 3).
 
 Lifecycle: active edits route for every request, canary edits only for calls that opt in
 (`generate(..., canary=True)`), staged and revoked edits stay loaded but never route.
@@ -22,6 +24,7 @@ from sola_vllm.kernels.nearest_key import nearest_key_ref
 from .arch import ARCHS, EditShape, resolve
 from .config import RouterConfig, SolaConfig
 from .edit import Edit, mismatch
+from .keys import pool_keys
 from .lora import LoraContext, apply_indices, install_routed_lora
 from .routing import KeyTable
 
@@ -65,13 +68,19 @@ class RoutedEngine:
         self.edits: dict[str, Edit] = {}
         self.active: set[str] = set()  # the engine's own state; the Edit objects stay untouched
         self.canary: set[str] = set()  # routed only for calls that opt in
+        self.key_map = router.load_key_map()  # None: keys compared as they are
+        if self.key_map is not None:
+            self.key_map.check_fits(model_fingerprint, model.config.hidden_size, shape.key_pool,
+                                    shape.route_layer)
         self.table = KeyTable()  # active edits: what every request routes among
         self.canary_table = KeyTable()  # active and canary edits: for requests that opt in
         self._routing: KeyTable | None = None  # the table of the call in progress
-        self._pending: _Batch | None = None  # prefill: routes decided in the key-layer hook
+        self._pending: _Batch | None = None  # prefill: routes decided in the route-layer hook
         self._slots: torch.Tensor | None = None  # [B] decided routes (-1 = none)
         self._distances: torch.Tensor | None = None
         self._apply_mask: torch.Tensor | None = None  # [B, T] for the current forward
+        self.decoder_layers[shape.route_layer].register_forward_pre_hook(self._route_layer_hook,
+                                                                         with_kwargs=True)
         self.key_layer_module.register_forward_pre_hook(self._key_layer_hook, with_kwargs=True)
 
     # --- construction ---------------------------------------------------------------------------
@@ -183,9 +192,11 @@ class RoutedEngine:
         return self.edits[edit_id]
 
     def _rebuild_table(self) -> None:
-        self.table = KeyTable.build([e for e in self.edits.values() if e.id in self.active])
+        self.table = KeyTable.build([e for e in self.edits.values() if e.id in self.active],
+                                    self.key_map)
         self.canary_table = KeyTable.build([e for e in self.edits.values()
-                                            if e.id in self.active or e.id in self.canary])
+                                            if e.id in self.active or e.id in self.canary],
+                                           self.key_map)
 
     @property
     def routing_table(self) -> KeyTable:
@@ -218,23 +229,29 @@ class RoutedEngine:
         return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     # --- routing --------------------------------------------------------------------------------
+    def mapped(self, queries: torch.Tensor) -> torch.Tensor:
+        """Raw keys or queries [S, d] into the space distances are taken in (the key map's)."""
+        return queries.float() if self.key_map is None else self.key_map(queries)
+
     def route_keys(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """queries: [S, d] -> (slot int64 [S] (-1 = none), distance fp32 [S])."""
+        """queries: raw [S, d] -> (slot int64 [S] (-1 = none), distance fp32 [S])."""
         table = self.routing_table
-        slot, dist, _ = nearest_key_ref(queries.float(), table.keys, table.owners,
+        slot, dist, _ = nearest_key_ref(self.mapped(queries), table.keys, table.owners,
                                         self.router.threshold, self.router.metric)
         return slot.long(), dist
 
     @torch.inference_mode()
     def key_queries(self, prompts: list[str]) -> torch.Tensor:
-        """The routing query of each prompt: fp32 [B, H], the residual entering the first edited
-        layer at its last token (what routing compares with the stored keys)."""
-        from .train import residual_at_key_layer
+        """The routing query of each prompt, raw fp32 [B, H]: its states entering the route
+        layer, pooled as the shape says (what routing compares with the stored keys)."""
+        from .train import residuals_at
 
         batch = self._batch(prompts)
         position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
-        hidden = residual_at_key_layer(self, batch.input_ids, batch.attention_mask, position_ids)
-        return hidden[torch.arange(len(prompts)), batch.key_pos].float()
+        layer = self.shape.route_layer
+        hidden = residuals_at(self, [layer], batch.input_ids, batch.attention_mask,
+                              position_ids)[layer]
+        return pool_keys(hidden, batch.attention_mask, batch.key_pos, self.shape.key_pool)
 
     def nearest(self, prompts: list[str] | None = None,
                 queries: torch.Tensor | None = None) -> list[Route]:
@@ -245,19 +262,25 @@ class RoutedEngine:
             queries = self.key_queries(prompts)
         if len(self.table) == 0:
             return [Route(None, float("inf")) for _ in range(queries.shape[0])]
-        slot, dist, _ = nearest_key_ref(queries, self.table.keys, self.table.owners,
-                                        float("inf"), self.router.metric)
+        slot, dist, _ = nearest_key_ref(self.mapped(queries), self.table.keys,
+                                        self.table.owners, float("inf"), self.router.metric)
         return [Route(self.table.edit_ids[s], float(d))
                 for s, d in zip(slot.tolist(), dist.tolist(), strict=True)]
+
+    def _route_layer_hook(self, module, args, kwargs):
+        """Prefill: decide every row's route from its states entering the route layer."""
+        if self._apply_mask is None or self._pending is None:  # no routing to decide here
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]  # [B, T, H]
+        pending = self._pending
+        queries = pool_keys(hidden, pending.attention_mask, pending.key_pos, self.shape.key_pool)
+        self._slots, self._distances = self.route_keys(queries)
+        self._pending = None
+        return None
 
     def _key_layer_hook(self, module, args, kwargs):
         if self._apply_mask is None:  # a plain forward outside the engine: no routing
             return None
-        if self._pending is not None:
-            hidden = args[0] if args else kwargs["hidden_states"]  # [B, T, H]
-            rows = torch.arange(hidden.shape[0])
-            self._slots, self._distances = self.route_keys(hidden[rows, self._pending.key_pos])
-            self._pending = None
         groups = apply_indices(self._slots, self._apply_mask)
         self.ctx.plan = [(self.routing_table.edit_ids[slot], idx) for slot, idx in groups.items()]
         return None

@@ -124,6 +124,10 @@ def load_probe_prompts(path: str | Path) -> list[str]:
 PROBE_BATCH = 32
 
 
+def mapped_group(group: KeyGroup, key_map) -> KeyGroup:
+    return KeyGroup(group.edit_id, group.state, key_map(group.keys), group.prompts)
+
+
 def routed_groups(engine) -> list[KeyGroup]:
     """The key groups of a `RoutedEngine`'s routed edits (active and canary), in load order."""
     return [KeyGroup(e.id, "active" if e.id in engine.active else "canary", e.keys.float(),
@@ -139,13 +143,18 @@ def check_with_engine(engine, new: KeyGroup, probes: list[str] | None = None) ->
         queries = torch.cat([engine.key_queries(probes[i:i + PROBE_BATCH])
                              for i in range(0, len(probes), PROBE_BATCH)])
     return check(new, routed_groups(engine), engine.router.threshold, engine.router.metric,
-                 probes, queries)
+                 probes, queries, engine.key_map)
 
 
 def check(new: KeyGroup, routed: list[KeyGroup], threshold: float, metric: str,
-          probes: list[str] | None = None, queries: torch.Tensor | None = None) -> dict:
+          probes: list[str] | None = None, queries: torch.Tensor | None = None,
+          key_map=None) -> dict:
     """Collisions of `new` with the `routed` edits and, given probe prompts and their key
-    queries ([P, d]), the probes' routes: the whole report."""
+    queries ([P, d]), the probes' routes: the whole report. Keys and queries are raw; with a
+    `key_map` (the router's `KeyMap`) distances are taken after it, as the router takes them."""
+    if key_map is not None:
+        new, routed = mapped_group(new, key_map), [mapped_group(g, key_map) for g in routed]
+        queries = None if queries is None else key_map(queries)
     collisions = find_collisions(new, routed, threshold, metric)
     rows = None
     if probes:

@@ -17,6 +17,7 @@ from torch import nn
 
 from .config import TrainConfig
 from .edit import Edit, lora_name, new_id, validate_id
+from .keys import pool_keys
 
 _TRAIN_ID = "__training__"
 
@@ -38,21 +39,44 @@ def target_ids(engine, prompt: str, target: str, append_eos: bool) -> list[int]:
 
 def residual_at_key_layer(engine, input_ids, attention_mask, position_ids) -> torch.Tensor:
     """Hidden states entering the first edited layer, [B, T, H], with no LoRA anywhere."""
-    captured = {}
+    layer = engine.shape.key_layer
+    return residuals_at(engine, [layer], input_ids, attention_mask, position_ids)[layer]
 
-    def hook(module, args, kwargs):
-        captured["h"] = args[0] if args else kwargs["hidden_states"]
-        raise _StopForward
 
-    handle = engine.key_layer_module.register_forward_pre_hook(hook, with_kwargs=True,
-                                                               prepend=True)
+def residuals_at(engine, layers, input_ids, attention_mask,
+                 position_ids) -> dict[int, torch.Tensor]:
+    """Hidden states entering each of `layers` ([B, T, H] each), with no LoRA anywhere; the
+    forward stops at the deepest of them."""
+    captured, last = {}, max(layers)
+
+    def grab(layer):
+        def hook(module, args, kwargs):
+            captured[layer] = (args[0] if args else kwargs["hidden_states"]).detach()
+            if layer == last:
+                raise _StopForward
+        return hook
+
+    handles = [engine.decoder_layers[layer].register_forward_pre_hook(
+        grab(layer), with_kwargs=True, prepend=True) for layer in set(layers)]
     try:
         with torch.no_grad(), contextlib.suppress(_StopForward):
             engine.model(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids, use_cache=False)
     finally:
-        handle.remove()
-    return captured["h"].detach()
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def keys_and_h0(engine, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a training batch: each row's routing key (fp32 [B, H], read as the engine's shape
+    says, `keys.pool_keys`) and the residual entering the first edited layer ([B, T, H])."""
+    shape = engine.shape
+    states = residuals_at(engine, [shape.route_layer, shape.key_layer], batch["input_ids"],
+                          batch["attention_mask"], batch["position_ids"])
+    keys = pool_keys(states[shape.route_layer], batch["attention_mask"], batch["key_pos"],
+                     shape.key_pool)
+    return keys.clone(), states[shape.key_layer]
 
 
 class _ZeroPositions(nn.Module):
@@ -213,10 +237,7 @@ def train_edit(engine, prompts: list[str] | str, target: str, *, edit_id: str | 
     prompts, examples = _examples(engine, prompts, target, config.append_eos)
     started = time.perf_counter()
     batch = _training_batch(examples, engine.pad_token_id)
-    batch["h0"] = residual_at_key_layer(engine, batch["input_ids"], batch["attention_mask"],
-                                        batch["position_ids"])  # [B, T, H]
-    rows = torch.arange(len(examples))
-    keys = batch["h0"][rows, batch["key_pos"]].float().clone()  # [B, H]
+    keys, batch["h0"] = keys_and_h0(engine, batch)  # [B, H] fp32, [B, T, H]
     lora = _init_lora(engine, config.seed, config.init_std)
     info = _fit(engine, batch, lora, config, on_step)
     info["seconds"] = round(time.perf_counter() - started, 3)

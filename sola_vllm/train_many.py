@@ -27,7 +27,7 @@ from .train import (
     _schedule,
     _step,
     _training_batch,
-    residual_at_key_layer,
+    keys_and_h0,
     upper_layers_only,
 )
 
@@ -60,10 +60,7 @@ def _train_chunk(engine, requests: list[EditRequest], config: TrainConfig) -> li
         examples += ex
         prompts_of.append(prompts)
     batch = _training_batch(examples, engine.pad_token_id)
-    batch["h0"] = residual_at_key_layer(engine, batch["input_ids"], batch["attention_mask"],
-                                        batch["position_ids"])  # [B, T, H]
-    all_rows = torch.arange(len(examples))
-    keys = batch["h0"][all_rows, batch["key_pos"]].float()  # [B, H]
+    keys, batch["h0"] = keys_and_h0(engine, batch)  # [B, H] fp32, [B, T, H]
     loras = [_init_lora(engine, config.seed, config.init_std) for _ in requests]
     infos = _fit_many(engine, batch, rows_of, loras, config)
     seconds = round((time.perf_counter() - started) / len(requests), 3)

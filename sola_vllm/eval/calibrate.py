@@ -236,7 +236,8 @@ def nearest_outcomes(engine, probes: Sequence[Probe],
 def calibrate(engine, probes: Sequence[Probe], keep: float = 0.99) -> dict:
     """The full report for `engine`'s active edits and router: rates, distances, per-probe rows."""
     outcomes = nearest_outcomes(engine, probes)
-    report = {"metric": engine.router.metric, "active_edits": len(engine.active),
+    report = {"metric": engine.router.metric, "key_map": engine.router.key_map,
+              "keys": engine.shape.describe_keys(), "active_edits": len(engine.active),
               **analyse(outcomes, engine.router.threshold, keep)}
     report["notes"] = _notes(report)
     report["files"] = None  # {"json": path, "png": path or None} once written (`write_outputs`)

@@ -4,7 +4,7 @@
     python -m sola_vllm.eval.metric_study --train ../shared/data/rome_known_1000.json \
         --data ../shared/data/zsre_mend_eval_1000.json --one-per-subject
 
-The distance between a key and a query is the cosine distance after `LinearMetric` (centre,
+The distance between a key and a query is the cosine distance after a `KeyMap` (centre,
 scale, project to `dim`). The map is fitted contrastively: each dev prompt must be nearer its
 own paraphrase than every other subject's prompt and paraphrase (and, with `--other-relation`,
 than its own subject asked another relation). Nothing of the measured dataset is seen while
@@ -28,22 +28,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..key_map import KeyMap
 from .data import SPLITS, EditCase, load, one_per_subject
 from .routing_study import _score, group_states, nearest, query_rows, write_report
 
 MASKED = -1e4  # logit of a pair that is neither a positive nor a negative (same subject)
-
-
-@dataclass(frozen=True)
-class LinearMetric:
-    """x -> ((x - mean) / scale) @ proj; routing compares the images by cosine distance."""
-
-    mean: torch.Tensor  # [d]
-    scale: float
-    proj: torch.Tensor  # [d, dim]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.scale @ self.proj
 
 
 @dataclass(frozen=True)
@@ -69,7 +58,7 @@ class FitConfig:
 
 def fit_linear_metric(prompts: torch.Tensor, paraphrases: torch.Tensor, groups: list[str],
                       cfg: FitConfig = FitConfig(),
-                      other_relation: torch.Tensor | None = None) -> LinearMetric:
+                      other_relation: torch.Tensor | None = None) -> KeyMap:
     """prompts, paraphrases: [n, d] query rows of n (prompt, paraphrase) pairs; groups: each
     pair's subject (pairs of one subject are never each other's negatives); other_relation:
     optional [n, d], the same subject asked another relation (a negative of its own pair)."""
@@ -104,7 +93,10 @@ def fit_linear_metric(prompts: torch.Tensor, paraphrases: torch.Tensor, groups: 
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return LinearMetric(mean=mean, scale=scale, proj=proj.detach())
+    return KeyMap(mean=mean, scale=scale, proj=proj.detach(),
+                  info={"fit": {"pairs": n, "dim": cfg.dim, "steps": cfg.steps, "lr": cfg.lr,
+                                "temperature": cfg.temperature, "seed": cfg.seed,
+                                "other_relation": other_relation is not None}})
 
 
 def fit_groups(cases: list[EditCase], other_relation: bool) -> dict[str, list[str]]:
