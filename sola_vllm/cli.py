@@ -219,6 +219,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(cal)
     _add_json(cal)
 
+    fit = sub.add_parser("fit-metric", help="fit a key map (routing metric) and its threshold",
+                         description="Fit a linear key map on (prompt, paraphrase) pairs for "
+                                     "the model and the keys --config reads, and calibrate "
+                                     "its threshold on a benchmark's dev split.")
+    fit.add_argument("--data", type=Path, default=None,
+                     help="benchmark file whose dev split gives the pairs (zsRE or ROME)")
+    fit.add_argument("--pairs", type=Path, default=None,
+                     help='or JSON lines {"prompt", "paraphrase", "group"?}')
+    fit.add_argument("--calibrate", type=Path, default=None,
+                     help="benchmark file whose dev split calibrates the threshold")
+    fit.add_argument("--keep", type=float, default=0.99,
+                     help="share of each negative group kept unrouted (default 0.99)")
+    fit.add_argument("--dim", type=int, default=64, help="dimensions after the map")
+    fit.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--out", required=True, type=Path, help="the map file (.safetensors)")
+    _add_model(fit)
+    _add_json(fit)
+
     from .eval.command import add_parser as add_eval_parser
 
     add_eval_parser(sub, _add_model, _add_json)
@@ -249,6 +268,7 @@ HANDLERS = {
     ("generate", None): commands.generate,
     ("calibrate", None): commands.calibrate,
     ("eval", None): commands.evaluate,
+    ("fit-metric", None): commands.fit_metric,
     ("demo", None): commands.demo,
 }
 

@@ -31,14 +31,16 @@ def load_config(path: Path | None) -> SolaConfig:
 
 
 def config_for_store(config: SolaConfig, store: EditStore | None) -> SolaConfig:
-    """Serve a store with the layer set its edits were trained on (read from the artifact
-    headers, without loading the tensors)."""
+    """Serve a store with the layer set its edits were trained on and their keys read as
+    they were (from the artifact headers, without loading the tensors)."""
     if store is None or not store.exists():
         return config
     for summary in store.list():
         if "layers" in summary and "modules" in summary:
             edit = EditConfig(layers=tuple(summary["layers"]), modules=tuple(summary["modules"]),
-                              rank=config.edit.rank, scale=config.edit.scale)
+                              rank=config.edit.rank, scale=config.edit.scale,
+                              key_pool=summary.get("key_pool", "last"),
+                              route_layer=summary.get("route_layer"))
             return SolaConfig(edit=edit, router=config.router, train=config.train)
     return config
 
@@ -453,6 +455,23 @@ def evaluate(args) -> dict:
     from .eval.command import eval_command
 
     return eval_command(args, load_config)
+
+
+def fit_metric(args) -> dict:
+    """Fit a key map for the model and its configured keys, and calibrate its threshold."""
+    from .eval.fit_map import fit_metric_command
+
+    result = fit_metric_command(args, open_engine, load_config)
+    calibration = result.get("calibration")
+    lines = [f"key map written to {result['out']} ({result['key_pool']}-pooled keys entering "
+             f"layer {result['route_layer']}, {result['dim']} dimensions, "
+             f"fitted on {result['fit']['pairs']} pairs)"]
+    if calibration:
+        lines.append(f"threshold {calibration['threshold']:.4g} on {calibration['data']} dev: "
+                     f"paraphrase hit {calibration['paraphrase_hit']:.3f}, hard negatives "
+                     f"routed {calibration['hard_negative_routed']:.3f}, unrelated routed "
+                     f"{calibration['unrelated_routed']:.3f} ({calibration['keys']} keys)")
+    return {**result, "text": "\n".join(lines)}
 
 
 def demo(args) -> dict:

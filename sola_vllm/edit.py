@@ -18,6 +18,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .config import KEY_POOLS
+
 FORMAT = "sola-vllm-edit"
 FORMAT_VERSION = 1
 # the lifecycle (see `journal.TRANSITIONS`): staged is stored only, canary routes for requests
@@ -61,12 +63,18 @@ class Edit:
     note: str = ""
     state: str = "active"
     train_info: dict = field(default_factory=dict)  # steps, final loss, seconds...
+    # how its keys were read (`EditShape.key_pool` / `route_layer`; None: the first edited
+    # layer); only non-default values are written, so older artifacts keep their bytes
+    key_pool: str = "last"
+    route_layer: int | None = None
 
     def __post_init__(self) -> None:
         validate_id(self.id)
         if self.state not in STATES:
             raise ValueError(f"edit state {self.state!r} is not one of {STATES}")
         self.validate()
+        if self.route_layer == min(self.layers):  # one spelling of the default
+            self.route_layer = None
 
     # --- validation -------------------------------------------------------------------------
     def validate(self) -> None:
@@ -88,6 +96,11 @@ class Edit:
                      f"edit {self.id}: {name} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
                      f"expected rank {self.rank}")
         _require(isinstance(self.rank, int) and self.rank > 0, f"edit {self.id}: bad rank")
+        _require(self.key_pool in KEY_POOLS, f"edit {self.id}: key pool {self.key_pool!r} is "
+                 f"not one of {KEY_POOLS}")
+        _require(self.route_layer is None or (isinstance(self.route_layer, int)
+                                              and 0 <= self.route_layer <= min(self.layers)),
+                 f"edit {self.id}: bad route layer {self.route_layer!r}")
         _require(isinstance(self.scale, float | int) and math.isfinite(self.scale),
                  f"edit {self.id}: bad scale {self.scale!r}")
 
@@ -101,7 +114,17 @@ class Edit:
             "layers": self.layers, "modules": self.modules, "rank": self.rank,
             "scale": self.scale, "created": self.created, "author": self.author,
             "note": self.note, "train_info": self.train_info,
+            **self.key_spec(),
         }
+
+    def key_spec(self) -> dict:
+        """How the keys were read, as metadata: empty for the paper's last-token keys."""
+        spec = {}
+        if self.key_pool != "last":
+            spec["key_pool"] = self.key_pool
+        if self.route_layer is not None and self.route_layer != min(self.layers):
+            spec["route_layer"] = self.route_layer
+        return spec
 
     def to_bytes(self) -> bytes:
         tensors = {"keys": self.keys.detach().float().contiguous()}
@@ -134,6 +157,7 @@ class Edit:
                                            "shape_fingerprint", "arch", "layers", "modules",
                                            "rank", "scale", "created", "author", "note",
                                            "train_info")}
+            fields.update({k: meta[k] for k in ("key_pool", "route_layer") if k in meta})
             return cls(keys=tensors["keys"], lora=lora, state=state, **fields)
         except EditFormatError:
             raise

@@ -247,4 +247,5 @@ def train_edit(engine, prompts: list[str] | str, target: str, *, edit_id: str | 
         lora={n: (a.detach().clone(), b.detach().clone()) for n, (a, b) in lora.items()},
         model_fingerprint=engine.model_fingerprint, shape_fingerprint=shape.fingerprint(),
         arch=shape.arch, layers=list(shape.layers), modules=list(shape.modules),
-        rank=shape.rank, scale=shape.scale, author=author, note=note, train_info=info)
+        rank=shape.rank, scale=shape.scale, key_pool=shape.key_pool,
+            route_layer=shape.route_layer, author=author, note=note, train_info=info)

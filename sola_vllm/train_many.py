@@ -73,7 +73,8 @@ def _train_chunk(engine, requests: list[EditRequest], config: TrainConfig) -> li
             lora={n: (a.detach().clone(), b.detach().clone()) for n, (a, b) in lora.items()},
             model_fingerprint=engine.model_fingerprint, shape_fingerprint=shape.fingerprint(),
             arch=shape.arch, layers=list(shape.layers), modules=list(shape.modules),
-            rank=shape.rank, scale=shape.scale, note=req.note,
+            rank=shape.rank, scale=shape.scale, key_pool=shape.key_pool,
+            route_layer=shape.route_layer, note=req.note,
             train_info={**info, "seconds": seconds, "batched": len(requests)}))
     return edits
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 
 from sola_vllm.arch import ARCHS, EditShape
@@ -55,3 +58,11 @@ def make_synthetic_edit(edit_id: str, arch: str = "llama", layers=(2, 3),
         layers=layers, modules=modules, rank=rank, scale=float(scale),
         created=1_700_000_000.0 + seed, author="helpers", note=f"synthetic seed {seed}",
     )
+
+
+# --- the benchmark data beside the checkout (../shared/data; read there, never copied) ---------
+SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+ZSRE = SHARED_DATA / "zsre_mend_eval_1000.json"
+FACTS = SHARED_DATA / "rome_known_1000.json"
+needs_data = pytest.mark.skipif(not ZSRE.is_file() or not FACTS.is_file(),
+                                reason=f"benchmark data under {SHARED_DATA} not found")

@@ -23,7 +23,7 @@ from ..config import SolaConfig
 from ..train_many import EditRequest
 from ..train_many import train_edits as train_many
 from .data import EditCase, load, one_per_subject
-from .methods import METHODS, Method, build_methods
+from .methods import METHODS, Method, build_methods, router_summary
 from .outcomes import Outcomes
 
 ENGINES = ("reference", "vllm")
@@ -152,11 +152,8 @@ def evaluate_method(cfg: EvalConfig, method: Method, stream: list[EditCase],
     if method.kind == "routed":
         rollback = probe.rollback(edits_dir(cfg, method).name, stream, evaluated(cfg, stream),
                                   cfg.seed)
-    router = method.config.router
     return {"name": method.name, "description": method.description,
-            "router": {"metric": router.metric if method.kind == "routed" else None,
-                       "threshold": router.threshold if method.kind == "routed" else None,
-                       "keys": "last-token" if method.kind == "routed" else None},
+            "router": router_summary(method),
             "checkpoints": rows, "rollback": rollback,
             "distances": distances if method.kind == "routed" else None}
 

@@ -23,7 +23,7 @@ from types import SimpleNamespace
 
 from .data import EditCase
 from .harness import EvalConfig, _mean, edits_dir, evaluated, say, train_edits
-from .methods import Method
+from .methods import Method, router_summary
 
 JOINT_REFUSED = "lora-all runs on the reference engine only (--engine reference)"
 MAX_MODEL_LEN = 1024
@@ -76,11 +76,8 @@ def evaluate_method_vllm(cfg: EvalConfig, method: Method, stream: list[EditCase]
             llm.close()
             gc.collect()
     notes["add_seconds"] = round(notes["add_seconds"], 2)
-    router = method.config.router
     return {"name": method.name, "description": method.description,
-            "router": {"metric": router.metric if routed else None,
-                       "threshold": router.threshold if routed else None,
-                       "keys": "last-token" if routed else None},
+            "router": router_summary(method),
             "checkpoints": rows, "rollback": rollback, "distances": None,
             "engine_notes": notes}
 

@@ -1,0 +1,146 @@
+"""`sola-vllm fit-metric`: fit a key map (`key_map.KeyMap`) for a model and its keys, and
+calibrate the routing threshold that goes with it, on dev data only.
+
+    sola-vllm fit-metric --config pooled.json --data ../shared/data/rome_known_1000.json \
+        --calibrate ../shared/data/zsre_mend_eval_1000.json --out map.safetensors
+
+Fitting: (prompt, paraphrase) pairs, each prompt's key read as the engine reads keys (the
+config's `edit.key_pool` and `edit.route_layer`), from `--data`'s dev split (a zsRE or
+CounterFact-style file, see `eval.data`) or from `--pairs` (JSON lines
+`{"prompt", "paraphrase", "group"?}`; pairs of one group are never each other's negatives).
+The map is fitted contrastively (`metric_study.fit_linear_metric`).
+
+Calibration (`--calibrate`, a benchmark file; its dev split, one record per subject): the
+first half of the subjects' prompts become keys, the second half's prompts are hard negatives
+(same style, other subjects) and every dev locality prompt an unrelated negative. The
+threshold is the largest that keeps `--keep` of each negative group unrouted (each group
+separately, so easy unrelated prompts cannot hide hard false fires); the report gives the key
+half's paraphrase hit rate at it. Both land in the map file's metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..key_map import KeyMap
+from .calibrate import check_keep, suggest_threshold
+from .data import DataError, load, one_per_subject
+from .metric_study import FitConfig, fit_linear_metric
+
+QUERY_BATCH = 32
+MAX_PAIRS_LINE = 10_000  # characters per line of a --pairs file
+
+
+def load_pairs(path: Path) -> list[tuple[str, str, str]]:
+    """(prompt, paraphrase, group) rows of a JSON-lines pairs file, validated."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise DataError(f"cannot read pairs file {path}: {exc.strerror or exc}") from exc
+    pairs = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        if len(line) > MAX_PAIRS_LINE:
+            raise DataError(f"{where}: line longer than {MAX_PAIRS_LINE} characters")
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: not JSON: {exc.msg}") from exc
+        if not isinstance(row, dict) or set(row) - {"prompt", "paraphrase", "group"}:
+            raise DataError(f"{where}: expected an object with prompt, paraphrase and an "
+                            "optional group")
+        texts = [row.get("prompt"), row.get("paraphrase")]
+        if not all(isinstance(t, str) and t.strip() for t in texts):
+            raise DataError(f"{where}: prompt and paraphrase must be non-empty strings")
+        group = row.get("group", row["prompt"])
+        if not isinstance(group, str):
+            raise DataError(f"{where}: group must be a string")
+        pairs.append((row["prompt"], row["paraphrase"], group))
+    if len(pairs) < 2:
+        raise DataError(f"{path}: fitting a key map needs at least 2 pairs, found {len(pairs)}")
+    return pairs
+
+
+def dataset_pairs(path: Path) -> list[tuple[str, str, str]]:
+    """The dev split's (prompt, first paraphrase, subject) of a benchmark file."""
+    cases = [c for c in load(path).split("dev") if c.paraphrases]
+    if len(cases) < 2:
+        raise DataError(f"{path}: its dev split has {len(cases)} records with a paraphrase")
+    return [(c.prompt, c.paraphrases[0], c.subject.lower()) for c in cases]
+
+
+def queries(engine, texts: list[str]) -> torch.Tensor:
+    """Raw routing queries [n, d] as the engine reads them."""
+    return torch.cat([engine.key_queries(texts[i:i + QUERY_BATCH])
+                      for i in range(0, len(texts), QUERY_BATCH)])
+
+
+def fit(engine, pairs: list[tuple[str, str, str]], cfg: FitConfig) -> KeyMap:
+    prompts, paraphrases, groups = (list(col) for col in zip(*pairs, strict=True))
+    fitted = fit_linear_metric(queries(engine, prompts), queries(engine, paraphrases), groups,
+                               cfg)
+    shape = engine.shape
+    info = {**fitted.info, "model_fingerprint": engine.model_fingerprint,
+            "hidden_size": engine.hidden_size, "key_pool": shape.key_pool,
+            "route_layer": shape.route_layer}
+    return KeyMap(fitted.mean, fitted.scale, fitted.proj, info)
+
+
+def calibrate(engine, key_map: KeyMap, path: Path, keep: float, metric: str) -> dict:
+    """The threshold for `key_map` on `path`'s dev split (see the module docstring)."""
+    if metric != "cosine":
+        raise ValueError("fit-metric calibrates cosine distances (router.metric 'cosine')")
+    cases = [c for c in one_per_subject(load(path).split("dev")) if c.paraphrases]
+    if len(cases) < 4:
+        raise DataError(f"{path}: its dev split has {len(cases)} subjects; calibrating needs 4")
+    half = len(cases) // 2
+    keyed, held_out = cases[:half], cases[half:]
+
+    def units(texts):
+        return F.normalize(key_map(queries(engine, texts)), dim=-1)
+
+    keys = units([c.prompt for c in keyed])
+
+    def nearest(texts):
+        best = (1 - units(texts) @ keys.T).min(dim=1)
+        return best.values, best.indices
+
+    hard, _ = nearest([c.prompt for c in held_out])
+    unrelated, _ = nearest([c.locality[0] for c in cases if c.locality])
+    threshold = min(suggest_threshold(hard.tolist(), keep),
+                    suggest_threshold(unrelated.tolist(), keep) if len(unrelated) else 2.0)
+    dist, index = nearest([c.paraphrases[0] for c in keyed])
+    own = index == torch.arange(len(keyed))
+    return {"threshold": threshold, "keep": keep, "data": load(path).name, "split": "dev",
+            "keys": len(keyed), "hard_negatives": len(held_out),
+            "unrelated_negatives": int(len(unrelated)),
+            "paraphrase_hit": float(((dist < threshold) & own).float().mean()),
+            "hard_negative_routed": float((hard < threshold).float().mean()),
+            "unrelated_routed": float((unrelated < threshold).float().mean())}
+
+
+def fit_metric_command(args, open_engine, load_config) -> dict:
+    if (args.data is None) == (args.pairs is None):
+        raise ValueError("give exactly one of --data (a benchmark file) or --pairs (JSON lines)")
+    check_keep(args.keep)
+    config = load_config(args.config)
+    engine = open_engine(args.model, config, progress=not args.json)
+    pairs = dataset_pairs(args.data) if args.data else load_pairs(args.pairs)
+    random.Random(args.seed).shuffle(pairs)
+    key_map = fit(engine, pairs, FitConfig(dim=args.dim, seed=args.seed, steps=args.steps))
+    key_map.info["fit"]["data"] = str(args.data or args.pairs)
+    if args.calibrate is not None:
+        key_map.info["calibration"] = calibrate(engine, key_map, args.calibrate, args.keep,
+                                                config.router.metric)
+        key_map.info["threshold"] = key_map.info["calibration"]["threshold"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    key_map.save(args.out)
+    return {"out": str(args.out), "fingerprint": key_map.fingerprint(), "dim": key_map.out_dim,
+            **{k: v for k, v in key_map.info.items() if k != "path"}}
