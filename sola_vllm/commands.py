@@ -12,6 +12,7 @@ from pathlib import Path
 from . import preflight
 from .config import EditConfig, SolaConfig
 from .edit import EditFormatError
+from .key_map import SHIPPED as SHIPPED_CONFIGS
 from .models import ModelFetchError
 from .preflight import KeyGroup
 from .store import EditStore, StoreError
@@ -21,10 +22,16 @@ USER_ERRORS = (ValueError, KeyError, StoreError, ModelFetchError, EditFormatErro
 
 # --- shared helpers -----------------------------------------------------------------------------
 def load_config(path: Path | None) -> SolaConfig:
+    """A config file, or a configuration shipped in `sola_vllm/maps/` named without suffix
+    (e.g. `smollm2-135m-instruct-mean-l6`: mean-pooled keys and their fitted key map)."""
     if path is None:
         return SolaConfig()
+    path = Path(path)
+    shipped = SHIPPED_CONFIGS / f"{path}.json"
+    if path.suffix == "" and path.parent == Path(".") and not path.exists() and shipped.exists():
+        path = shipped
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot read config file {path}: {exc}") from exc
     return SolaConfig.from_dict(data)

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import FACTS, ZSRE, needs_data
 
 from sola_vllm.arch import EditShape, resolve
 from sola_vllm.config import EditConfig, RouterConfig, SolaConfig, TrainConfig, fingerprint
@@ -247,3 +248,48 @@ def test_shapes_resolve_their_route_layer():
     assert shape.route_layer == 2 and shape.default_keys
     with pytest.raises(ValueError, match="comes after the first edited layer"):
         EditShape("llama", 4, (2, 3), ("mlp.up_proj",), 4, 1.0, "mean", 3)
+
+
+# --- fit-metric and the shipped configuration ---------------------------------------------------
+def _cli(capsys, *argv):
+    from sola_vllm.cli import main
+
+    code = main([*map(str, argv), "--json"])
+    return code, json.loads(capsys.readouterr().out)
+
+
+@needs_data
+def test_fit_metric_writes_a_map_calibrated_on_dev_data(capsys, tmp_path):
+    config = tmp_path / "pooled.json"
+    config.write_text(json.dumps({"edit": {"layers": [2, 3], "key_pool": "mean",
+                                           "route_layer": 1}}))
+    out = tmp_path / "map.safetensors"
+    code, result = _cli(capsys, "fit-metric", "--model", tiny_model("llama"), "--config", config,
+                        "--data", FACTS, "--calibrate", ZSRE, "--dim", 4, "--steps", 5,
+                        "--out", out)
+    assert code == 0, result
+    key_map = KeyMap.load(out)
+    calibration = key_map.info["calibration"]
+    assert key_map.out_dim == 4 and key_map.info["route_layer"] == 1
+    assert key_map.threshold == calibration["threshold"] > 0
+    assert calibration["split"] == "dev" and calibration["keys"] > 50
+    assert calibration["hard_negative_routed"] <= 0.01 and calibration["unrelated_routed"] <= 0.01
+    router = RouterConfig(key_map=str(out))  # the threshold comes with the map
+    assert router.threshold == calibration["threshold"]
+    code, result = _cli(capsys, "fit-metric", "--model", tiny_model("llama"), "--data", FACTS,
+                        "--pairs", tmp_path / "pairs.jsonl", "--out", out)
+    assert code == 2 and "exactly one of --data" in result["error"]
+
+
+@pytest.mark.slow
+def test_the_shipped_configuration_fits_the_default_model(default_model_path):
+    from sola_vllm.commands import load_config
+    from sola_vllm.models import model_fingerprint
+
+    config = load_config("smollm2-135m-instruct-mean-l6")
+    shape = resolve(config.edit, "llama", 30)
+    key_map = config.router.load_key_map()
+    key_map.check_fits(model_fingerprint(default_model_path), 576, shape.key_pool,
+                       shape.route_layer)
+    assert config.router.threshold == key_map.threshold
+    assert key_map.info["calibration"]["split"] == "dev"  # chosen without test data

@@ -10,12 +10,13 @@ CounterFact-style file, see `eval.data`) or from `--pairs` (JSON lines
 `{"prompt", "paraphrase", "group"?}`; pairs of one group are never each other's negatives).
 The map is fitted contrastively (`metric_study.fit_linear_metric`).
 
-Calibration (`--calibrate`, a benchmark file; its dev split, one record per subject): the
-first half of the subjects' prompts become keys, the second half's prompts are hard negatives
-(same style, other subjects) and every dev locality prompt an unrelated negative. The
-threshold is the largest that keeps `--keep` of each negative group unrouted (each group
-separately, so easy unrelated prompts cannot hide hard false fires); the report gives the key
-half's paraphrase hit rate at it. Both land in the map file's metadata.
+Calibration (`--calibrate`, a benchmark file; its dev split): the records of the first half
+of its subjects (file order) become keys, the other half's prompts are hard negatives (same
+style, other subjects) and every dev locality prompt an unrelated negative. The threshold is
+the largest that keeps `--keep` of each negative group unrouted (each group separately, so
+easy unrelated prompts cannot hide hard false fires); the report gives the keyed records'
+paraphrase hit rate at it (routed to a key of its own subject). Both land in the map file's
+metadata.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 from ..key_map import KeyMap
 from .calibrate import check_keep, suggest_threshold
-from .data import DataError, load, one_per_subject
+from .data import DataError, load
 from .metric_study import FitConfig, fit_linear_metric
 
 QUERY_BATCH = 32
@@ -97,31 +98,38 @@ def calibrate(engine, key_map: KeyMap, path: Path, keep: float, metric: str) -> 
     """The threshold for `key_map` on `path`'s dev split (see the module docstring)."""
     if metric != "cosine":
         raise ValueError("fit-metric calibrates cosine distances (router.metric 'cosine')")
-    cases = [c for c in one_per_subject(load(path).split("dev")) if c.paraphrases]
-    if len(cases) < 4:
-        raise DataError(f"{path}: its dev split has {len(cases)} subjects; calibrating needs 4")
-    half = len(cases) // 2
-    keyed, held_out = cases[:half], cases[half:]
+    cases = [c for c in load(path).split("dev") if c.paraphrases]
+    subjects = list(dict.fromkeys(c.subject.lower() for c in cases))
+    if len(subjects) < 4:
+        raise DataError(f"{path}: its dev split has {len(subjects)} subjects; calibrating "
+                        "needs 4")
+    keyed_subjects = set(subjects[:len(subjects) // 2])
+    keyed = [c for c in cases if c.subject.lower() in keyed_subjects]
+    held_out = [c for c in cases if c.subject.lower() not in keyed_subjects]
 
     def units(texts):
         return F.normalize(key_map(queries(engine, texts)), dim=-1)
 
     keys = units([c.prompt for c in keyed])
+    key_subject = [c.subject.lower() for c in keyed]
 
     def nearest(texts):
         best = (1 - units(texts) @ keys.T).min(dim=1)
-        return best.values, best.indices
+        return best.values, best.indices.tolist()
 
     hard, _ = nearest([c.prompt for c in held_out])
     unrelated, _ = nearest([c.locality[0] for c in cases if c.locality])
     threshold = min(suggest_threshold(hard.tolist(), keep),
                     suggest_threshold(unrelated.tolist(), keep) if len(unrelated) else 2.0)
     dist, index = nearest([c.paraphrases[0] for c in keyed])
-    own = index == torch.arange(len(keyed))
+    # a paraphrase hits when it routes to a key of its own subject (records of one subject
+    # are keys side by side; which of them answers is the conflict the eval reports)
+    hit = [d < threshold and key_subject[i] == c.subject.lower()
+           for d, i, c in zip(dist.tolist(), index, keyed, strict=True)]
     return {"threshold": threshold, "keep": keep, "data": load(path).name, "split": "dev",
             "keys": len(keyed), "hard_negatives": len(held_out),
             "unrelated_negatives": int(len(unrelated)),
-            "paraphrase_hit": float(((dist < threshold) & own).float().mean()),
+            "paraphrase_hit": sum(hit) / len(hit),
             "hard_negative_routed": float((hard < threshold).float().mean()),
             "unrelated_routed": float((unrelated < threshold).float().mean())}
 

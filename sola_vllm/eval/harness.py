@@ -161,10 +161,15 @@ def evaluate_method(cfg: EvalConfig, method: Method, stream: list[EditCase],
 def edits_dir(cfg: EvalConfig, method: Method) -> Path:
     """Where a method's trained edits are kept: one store per training recipe (edit shape and
     training options), so a re-run with other options never reuses edits trained otherwise.
-    Router options are not part of it: they change routing, not what was trained."""
+    Router options are not part of it: they change routing, not what was trained; how keys are
+    read is (keys are stored with the edits)."""
     from ..config import fingerprint
 
     recipe = {k: v for k, v in method.config.to_dict().items() if k != "router"}
+    edit = recipe["edit"]
+    paper_keys = edit["key_pool"] == "last" and edit["route_layer"] is None
+    if paper_keys or method.kind != "routed":  # keys unused, or the paper's: the recipe
+        del edit["key_pool"], edit["route_layer"]  # of runs made before pooled keys
     return cfg.out / "edits" / f"{method.name}-{fingerprint(recipe)[:10]}"
 
 
