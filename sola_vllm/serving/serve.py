@@ -33,12 +33,12 @@ import os
 import sys
 from pathlib import Path
 
-from ..config import SolaConfig
+from ..config import EditConfig, SolaConfig
 from ..store import EditStore
 from .access import ADMIN_TOKEN_ENV, AccessConfig
 from .audit import AUDIT_ENV
 from .config import ServingConfig
-from .llm import engine_kwargs, on_cuda, serving_config
+from .llm import check_prefix_caching, engine_kwargs, on_cuda, serving_config
 from .manager import CONFIG_ENV, MODEL_ENV, STORE_ENV
 
 SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
@@ -131,6 +131,19 @@ def check_router(router: str) -> None:
                              "or auto)")
 
 
+def prefix_caching_asked(extra: list[str]) -> bool | None:
+    """What the passthrough flags say about prefix caching (the last flag wins, as in argparse;
+    None: nothing)."""
+    asked = None
+    for arg in extra:
+        name = arg.split("=", 1)[0]
+        if name == "--enable-prefix-caching":
+            asked = True
+        elif name == "--no-enable-prefix-caching":
+            asked = False
+    return asked
+
+
 def build_command(kwargs: dict, host: str, port: int, extra: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", SERVER_MODULE, "--model", kwargs["model"],
            "--host", host, "--port", str(port),
@@ -146,7 +159,20 @@ def build_command(kwargs: dict, host: str, port: int, extra: list[str]) -> list[
             raise ValueError(f"--cuda-graphs sets the compilation config itself; drop "
                              f"{chosen[0].split('=', 1)[0]}")
         cmd += ["--compilation-config", json.dumps(kwargs["compilation_config"])]
+    if kwargs.get("enable_prefix_caching") is False and prefix_caching_asked(extra) is None:
+        cmd.append("--no-enable-prefix-caching")  # mean-pooled keys (llm.engine_kwargs)
     return cmd + list(extra)
+
+
+def keep_key_reading(config: SolaConfig, given: SolaConfig) -> SolaConfig:
+    """`config` (the store's layer set) reading routing keys as the `given` config says:
+    `commands.config_for_store` rebuilds the edit section from the layers and modules alone."""
+    edit, want = config.edit, given.edit
+    if (edit.key_pool, edit.route_layer) == (want.key_pool, want.route_layer):
+        return config
+    keyed = EditConfig(layers=edit.layers, modules=edit.modules, rank=edit.rank,
+                       scale=edit.scale, key_pool=want.key_pool, route_layer=want.route_layer)
+    return SolaConfig(edit=keyed, router=config.router, train=config.train)
 
 
 def prepare(args, extra: list[str]) -> tuple[list[str], dict]:
@@ -158,7 +184,8 @@ def prepare(args, extra: list[str]) -> tuple[list[str], dict]:
     access = access_env(args)  # first: refuse an open API on a public host before any work
     model_path = resolve_model(args.model).resolve()
     store = EditStore(Path(args.store).expanduser().resolve())
-    config = config_for_store(load_config(args.config), store)
+    given = load_config(args.config)
+    config = keep_key_reading(config_for_store(given, store), given)
     serving = serving_config(model_path, config, max_edits=args.max_edits,
                              max_keys=args.max_keys, max_rank=args.max_rank,
                              request_log=args.request_log,
@@ -166,6 +193,7 @@ def prepare(args, extra: list[str]) -> tuple[list[str], dict]:
                              apply=getattr(args, "apply", "auto"),
                              router=getattr(args, "router", "auto"))
     check_store(store, serving)
+    check_prefix_caching(serving, prefix_caching_asked(extra))
     cuda_graphs = getattr(args, "cuda_graphs", False)
     check_apply(serving.apply, cuda_graphs)
     check_router(serving.router)
