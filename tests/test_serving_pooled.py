@@ -268,3 +268,73 @@ def test_the_key_options_reach_the_workers_and_mean_keys_turn_prefix_caching_off
     assert prefix_caching_asked(["--enable-prefix-caching"]) is True
     assert prefix_caching_asked(["--enable-prefix-caching", "--no-enable-prefix-caching"]) is False
     assert prefix_caching_asked(["--max-model-len", "64"]) is None
+
+
+def test_serve_carries_the_key_options_and_map_and_refuses_prefix_caching(tmp_path,
+                                                                          monkeypatch):
+    """`sola-vllm serve` on a store of mean-keyed edits: the config file's edit and router
+    sections reach the workers (the store's layer set, read with the configured keys), the
+    map's path is made absolute, and prefix caching is turned off or, asked for, refused."""
+    import json
+
+    from sola_vllm.cli import build_parser
+    from sola_vllm.models import model_fingerprint, tiny_model
+    from sola_vllm.serving.serve import prepare
+    from sola_vllm.store import EditStore
+
+    model = tiny_model("llama")
+    fingerprint = model_fingerprint(model)
+    modules = ("mlp.up_proj", "mlp.down_proj")
+    shape = EditShape("llama", 4, LAYERS, modules, 4, 1.0, "mean", ROUTE_LAYER)
+    store = EditStore.create(tmp_path / "store", fingerprint, shape.fingerprint())
+    store.add(make_synthetic_edit("e0", layers=LAYERS, modules=modules, hidden=HIDDEN,
+                                  intermediate=INTER, model_fingerprint=fingerprint,
+                                  shape_fingerprint=shape.fingerprint()))
+    for name, layer in (("map.safetensors", ROUTE_LAYER), ("other.safetensors", 0)):
+        KeyMap(torch.zeros(HIDDEN), 1.0, torch.eye(HIDDEN)[:, :8],
+               {"model_fingerprint": fingerprint, "key_pool": "mean", "route_layer": layer,
+                "threshold": 0.05}).save(tmp_path / name)
+    monkeypatch.chdir(tmp_path)  # the config names the map relative to here
+
+    def serve_args(key_map: str, *extra: str):
+        (tmp_path / "config.json").write_text(json.dumps(
+            {"edit": {"layers": list(LAYERS), "key_pool": "mean", "route_layer": ROUTE_LAYER},
+             "router": {"key_map": key_map}}))
+        args, rest = build_parser().parse_known_args(
+            ["serve", "--model", str(model), "--store", str(tmp_path / "store"),
+             "--config", "config.json", *extra])
+        return args, rest
+
+    cmd, env = prepare(*serve_args("map.safetensors"))
+    sola = json.loads(cmd[cmd.index("--hf-overrides") + 1])["sola"]
+    assert (sola["key_pool"], sola["route_layer"]) == ("mean", ROUTE_LAYER)
+    assert sola["key_map"] == str(tmp_path / "map.safetensors") and sola["threshold"] == 0.05
+    assert sola["shape_fingerprint"] == shape.fingerprint() and list(sola["modules"]) == [
+        *modules]
+    assert "--no-enable-prefix-caching" in cmd
+    assert json.loads(env["SOLA_VLLM_CONFIG"])["edit"]["key_pool"] == "mean"
+    with pytest.raises(ValueError, match="prefix caching cannot serve mean-pooled"):
+        prepare(*serve_args("map.safetensors", "--enable-prefix-caching"))
+    with pytest.raises(KeyMapError, match="route_layer 0; this engine has 1"):
+        prepare(*serve_args("other.safetensors"))
+
+
+def test_an_engine_with_prefix_caching_refuses_mean_keys_at_start():
+    """Whatever launched it: the worker itself refuses before patching anything."""
+    from types import SimpleNamespace
+
+    from sola_vllm.serving.models import init_sola
+    from sola_vllm.serving.runner_support import UnsupportedRunnerError
+
+    def vllm_config(prefix_caching: bool):
+        return SimpleNamespace(
+            model_config=SimpleNamespace(hf_config=SimpleNamespace(sola=config().to_dict())),
+            parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1,
+                                            data_parallel_size=1),
+            cache_config=SimpleNamespace(enable_prefix_caching=prefix_caching),
+            lora_config=None)
+
+    with pytest.raises(ValueError, match="mean-pooled routing keys with prefix caching on"):
+        init_sola(None, vllm_config(True))
+    with pytest.raises(UnsupportedRunnerError):  # past the check: no model runner here
+        init_sola(None, vllm_config(False))
