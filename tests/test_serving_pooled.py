@@ -272,24 +272,18 @@ def test_the_key_options_reach_the_workers_and_mean_keys_turn_prefix_caching_off
 
 def test_serve_carries_the_key_options_and_map_and_refuses_prefix_caching(tmp_path,
                                                                           monkeypatch):
-    """`sola-vllm serve` on a store of mean-keyed edits: the config file's edit and router
-    sections reach the workers (the store's layer set, read with the configured keys), the
-    map's path is made absolute, and prefix caching is turned off or, asked for, refused."""
+    """`sola-vllm serve` with a config file asking for mean keys at layer 1 and a key map: both
+    reach the workers (a non-empty store serves the keys its edits were read with instead,
+    `commands.config_for_store`), the map's path is made absolute and checked before vLLM
+    starts, and prefix caching is turned off or, asked for, refused."""
     import json
 
     from sola_vllm.cli import build_parser
     from sola_vllm.models import model_fingerprint, tiny_model
     from sola_vllm.serving.serve import prepare
-    from sola_vllm.store import EditStore
 
     model = tiny_model("llama")
     fingerprint = model_fingerprint(model)
-    modules = ("mlp.up_proj", "mlp.down_proj")
-    shape = EditShape("llama", 4, LAYERS, modules, 4, 1.0, "mean", ROUTE_LAYER)
-    store = EditStore.create(tmp_path / "store", fingerprint, shape.fingerprint())
-    store.add(make_synthetic_edit("e0", layers=LAYERS, modules=modules, hidden=HIDDEN,
-                                  intermediate=INTER, model_fingerprint=fingerprint,
-                                  shape_fingerprint=shape.fingerprint()))
     for name, layer in (("map.safetensors", ROUTE_LAYER), ("other.safetensors", 0)):
         KeyMap(torch.zeros(HIDDEN), 1.0, torch.eye(HIDDEN)[:, :8],
                {"model_fingerprint": fingerprint, "key_pool": "mean", "route_layer": layer,
@@ -300,17 +294,17 @@ def test_serve_carries_the_key_options_and_map_and_refuses_prefix_caching(tmp_pa
         (tmp_path / "config.json").write_text(json.dumps(
             {"edit": {"layers": list(LAYERS), "key_pool": "mean", "route_layer": ROUTE_LAYER},
              "router": {"key_map": key_map}}))
-        args, rest = build_parser().parse_known_args(
+        return build_parser().parse_known_args(
             ["serve", "--model", str(model), "--store", str(tmp_path / "store"),
              "--config", "config.json", *extra])
-        return args, rest
 
     cmd, env = prepare(*serve_args("map.safetensors"))
     sola = json.loads(cmd[cmd.index("--hf-overrides") + 1])["sola"]
     assert (sola["key_pool"], sola["route_layer"]) == ("mean", ROUTE_LAYER)
     assert sola["key_map"] == str(tmp_path / "map.safetensors") and sola["threshold"] == 0.05
-    assert sola["shape_fingerprint"] == shape.fingerprint() and list(sola["modules"]) == [
-        *modules]
+    shape = EditShape("llama", 4, LAYERS, ("mlp.up_proj", "mlp.down_proj"), 8, 1.0, "mean",
+                      ROUTE_LAYER)
+    assert sola["shape_fingerprint"] == shape.fingerprint()
     assert "--no-enable-prefix-caching" in cmd
     assert json.loads(env["SOLA_VLLM_CONFIG"])["edit"]["key_pool"] == "mean"
     with pytest.raises(ValueError, match="prefix caching cannot serve mean-pooled"):

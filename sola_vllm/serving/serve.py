@@ -33,7 +33,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..config import EditConfig, SolaConfig
+from ..config import SolaConfig
 from ..store import EditStore
 from .access import ADMIN_TOKEN_ENV, AccessConfig
 from .audit import AUDIT_ENV
@@ -164,17 +164,6 @@ def build_command(kwargs: dict, host: str, port: int, extra: list[str]) -> list[
     return cmd + list(extra)
 
 
-def keep_key_reading(config: SolaConfig, given: SolaConfig) -> SolaConfig:
-    """`config` (the store's layer set) reading routing keys as the `given` config says:
-    `commands.config_for_store` rebuilds the edit section from the layers and modules alone."""
-    edit, want = config.edit, given.edit
-    if (edit.key_pool, edit.route_layer) == (want.key_pool, want.route_layer):
-        return config
-    keyed = EditConfig(layers=edit.layers, modules=edit.modules, rank=edit.rank,
-                       scale=edit.scale, key_pool=want.key_pool, route_layer=want.route_layer)
-    return SolaConfig(edit=keyed, router=config.router, train=config.train)
-
-
 def prepare(args, extra: list[str]) -> tuple[list[str], dict]:
     """The command line and environment that `serve` execs (also used by the tests)."""
     from ..commands import config_for_store, load_config
@@ -184,8 +173,7 @@ def prepare(args, extra: list[str]) -> tuple[list[str], dict]:
     access = access_env(args)  # first: refuse an open API on a public host before any work
     model_path = resolve_model(args.model).resolve()
     store = EditStore(Path(args.store).expanduser().resolve())
-    given = load_config(args.config)
-    config = keep_key_reading(config_for_store(given, store), given)
+    config = config_for_store(load_config(args.config), store)
     serving = serving_config(model_path, config, max_edits=args.max_edits,
                              max_keys=args.max_keys, max_rank=args.max_rank,
                              request_log=args.request_log,
