@@ -22,8 +22,12 @@ Without an admin token the edit API is open to whoever can connect, so `serve` r
 `--host` other than a loopback address (see `access`).
 
 The store's edits decide the layer set (as for `sola-vllm generate`); a store pinned to another
-base model is refused before vLLM starts. vLLM's own `--config` (a YAML file) is not available
-here: `--config` is sola-vllm's JSON options file.
+base model is refused before vLLM starts. The config file's router section (metric, threshold,
+key map: checked against the model and the keys, passed as an absolute path) reaches the
+workers; with mean-pooled keys (`edit.key_pool`) prefix caching is turned off
+(`--no-enable-prefix-caching`) and `--enable-prefix-caching` is refused (see `llm`).
+vLLM's own `--config` (a YAML file) is not available here: `--config` is sola-vllm's JSON
+options file.
 """
 
 from __future__ import annotations
