@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from ..arch import EditShape
-from ..config import METRICS
+from ..config import KEY_POOLS, METRICS
 
 SOLA_ARCHITECTURES = {
     "llama": "SolaLlamaForCausalLM",
@@ -39,11 +40,17 @@ class ServingConfig:
     canary_fraction: float = 0.0  # share of requests (by id hash) that see canary edits
     apply: str = "auto"  # one of APPLY_BACKENDS; resolved in the worker (apply_backend.py)
     router: str = "auto"  # one of ROUTERS; resolved in the worker (route_kernel.py)
+    # how routing keys are read (`EditShape.key_pool`, `route_layer`; None: the first edited
+    # layer) and the router's key map (an absolute path to a `KeyMap` file, or None)
+    key_pool: str = "last"
+    route_layer: int | None = None
+    key_map: str | None = None
 
     def __post_init__(self) -> None:
         self.layers, self.modules = tuple(self.layers), tuple(self.modules)
         if self.metric not in METRICS:
             raise ValueError(f"metric {self.metric!r} is not one of {METRICS}")
+        self._check_keys()
         for name in ("max_edits", "max_keys", "max_rank", "request_log"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -57,12 +64,30 @@ class ServingConfig:
         if self.router not in ROUTERS:
             raise ValueError(f"router {self.router!r} is not one of {ROUTERS}")
 
+    def _check_keys(self) -> None:
+        if self.key_pool not in KEY_POOLS:
+            raise ValueError(f"key_pool {self.key_pool!r} is not one of {KEY_POOLS}")
+        if self.route_layer is None and self.layers:
+            self.route_layer = self.layers[0]
+        if (not isinstance(self.route_layer, int) or isinstance(self.route_layer, bool)
+                or self.route_layer < 0):
+            raise ValueError(f"route_layer must be a non-negative int, got {self.route_layer!r}")
+        if self.layers and self.route_layer > self.layers[0]:
+            raise ValueError(f"route_layer {self.route_layer} comes after the first edited "
+                             f"layer {self.layers[0]}: the route must be decided before an "
+                             "edit applies")
+        if self.key_map is not None and (not isinstance(self.key_map, str)
+                                         or not os.path.isabs(self.key_map)):
+            # workers load it wherever they run: a relative path would depend on their cwd
+            raise ValueError(f"key_map must be an absolute path to a key map file, got "
+                             f"{self.key_map!r}")
+
     @classmethod
     def from_shape(cls, shape: EditShape, model_type: str, model_fingerprint: str,
                    **kwargs) -> ServingConfig:
         return cls(model_type=model_type, layers=shape.layers, modules=shape.modules,
                    shape_fingerprint=shape.fingerprint(), model_fingerprint=model_fingerprint,
-                   **kwargs)
+                   key_pool=shape.key_pool, route_layer=shape.route_layer, **kwargs)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ServingConfig:

@@ -1,4 +1,4 @@
-"""Patching a loaded vLLM model in place: the key layer gets a router, each vLLM linear that
+"""Patching a loaded vLLM model in place: the route layer gets a router, each vLLM linear that
 holds an edited HF module gets a LoRA apply. Classes are swapped on the instances, so parameter
 names and vLLM's weight loading stay untouched."""
 
@@ -83,11 +83,13 @@ def _swap(module: nn.Module, mixin: type) -> None:
     module.__class__ = type(f"Sola{base.__name__}", (mixin, base), {})
 
 
-def patch_model(model: nn.Module, arch: str, key_layer: int, groups: dict[str, list],
+def patch_model(model: nn.Module, arch: str, route_layer: int, groups: dict[str, list],
                 runtime, runtime_id: int) -> None:
+    """The router reads the residual stream entering `route_layer` (at or before the first
+    edited layer, so every route is decided before a LoRA applies)."""
     stack = decoder_layers(model, arch)
     router = _SolaRouterGPT2 if arch == "gpt2" else _SolaRouterLlama
-    targets = [stack[key_layer]] + [stack[int(path.split(".", 1)[0])].get_submodule(
+    targets = [stack[route_layer]] + [stack[int(path.split(".", 1)[0])].get_submodule(
         path.split(".", 1)[1]) for path in groups]
     for i, module in enumerate(targets):
         module._sola_tok_slot = runtime.tok_slot

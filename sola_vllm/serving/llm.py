@@ -33,32 +33,56 @@ class Completion:
 
 
 def serving_config(model_path: Path, config: SolaConfig, **capacity) -> ServingConfig:
+    """What the workers serve: the edit shape (keys read as `config.edit` says) and the router
+    (metric, threshold, key map). A key map that does not fit the model or the keys is refused
+    here, before vLLM starts (the worker checks again)."""
     from transformers import AutoConfig
 
+    from ..key_map import resolve_path
     from ..models import model_fingerprint
 
     hf = AutoConfig.from_pretrained(model_path)
     shape = resolve(config.edit, hf.model_type, hf.num_hidden_layers)
-    return ServingConfig.from_shape(shape, hf.model_type, model_fingerprint(model_path),
+    fingerprint = model_fingerprint(model_path)
+    key_map = None
+    if config.router.key_map is not None:
+        config.router.load_key_map().check_fits(fingerprint, hf.hidden_size, shape.key_pool,
+                                                shape.route_layer)
+        key_map = str(resolve_path(config.router.key_map).resolve())
+    return ServingConfig.from_shape(shape, hf.model_type, fingerprint,
                                     metric=config.router.metric,
-                                    threshold=config.router.threshold, **capacity)
+                                    threshold=config.router.threshold, key_map=key_map,
+                                    **capacity)
 
 
 def engine_kwargs(model_path: Path, serving: ServingConfig, cuda_graphs: bool = False) -> dict:
     """What vLLM needs to build the plugin's model; also sets the prefix-cache guard.
     On CUDA the engine runs eager unless `cuda_graphs`: then piecewise CUDA graphs split at
-    the router (`graphs.graph_compilation_config`; not yet run on a GPU)."""
+    the router (`graphs.graph_compilation_config`; not yet run on a GPU). Mean-pooled keys
+    turn prefix caching off (see `check_prefix_caching`)."""
     os.environ[PREFIX_GUARD_ENV] = "1"
     # either model runner is hooked (V1 and Model Runner V2); vLLM picks it as usual
     kwargs = {"model": str(model_path),
               "hf_overrides": {"architectures": [serving.architecture],
                                "sola": serving.to_dict()},
               "worker_extension_cls": WORKER_EXTENSION}
+    if serving.key_pool == "mean":
+        kwargs["enable_prefix_caching"] = False
     if cuda_graphs:
         kwargs["compilation_config"] = cuda_graphs_config()
     elif on_cuda():
         kwargs["enforce_eager"] = True
     return kwargs
+
+
+def check_prefix_caching(serving: ServingConfig, enabled: bool | None) -> None:
+    """Refuse prefix caching with mean-pooled keys: a cached block's tokens never pass the
+    router, so a request's pooled key would lack them (`runtime` routes such a request to no
+    edit rather than guess). `enabled`: what the user asked for (None: nothing)."""
+    if enabled and serving.key_pool == "mean":
+        raise ValueError("prefix caching cannot serve mean-pooled routing keys (edit.key_pool "
+                         "'mean'): cached prompt blocks skip the router, so their states would "
+                         "be missing from the key; leave prefix caching off")
 
 
 def cuda_graphs_config() -> dict:
@@ -96,7 +120,9 @@ class SolaLLM:
         self.serving = serving_config(self.model_path, self.config, max_edits=max_edits,
                                       max_keys=max_keys, max_rank=max_rank, apply=apply,
                                       router=router)
-        # the caller's vLLM options win (enforce_eager included)
+        # the caller's vLLM options win (enforce_eager included), but never prefix caching
+        # with mean-pooled keys
+        check_prefix_caching(self.serving, llm_kwargs.get("enable_prefix_caching"))
         kwargs = engine_kwargs(self.model_path, self.serving, cuda_graphs)
         self.llm = LLM(**{**kwargs, **llm_kwargs})
 

@@ -1,5 +1,6 @@
 """vLLM model classes with SoLA routing: the in-tree classes, built and loaded as usual, then
-patched in place (router at the first edited layer, LoRA apply on the edited linears).
+patched in place (router entering the route layer, by default the first edited layer; LoRA
+apply on the edited linears).
 Selected through `hf_overrides={"architectures": ["Sola..."], "sola": {...}}`."""
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ def init_sola(model, vllm_config) -> SolaRuntime:
                          "now")
     if vllm_config.lora_config is not None:
         raise ValueError("sola-vllm applies its own LoRAs: leave vLLM's --enable-lora off")
+    if config.key_pool == "mean" and vllm_config.cache_config.enable_prefix_caching:
+        # cached blocks skip the router: their states would be missing from pooled keys
+        raise ValueError("sola-vllm cannot serve mean-pooled routing keys with prefix caching "
+                         "on: start vLLM with enable_prefix_caching=False "
+                         "(--no-enable-prefix-caching)")
     check_runner(find_runner())  # before any weight is patched: fail at engine start
     # the model's dtype and device pick the apply backend (ServingConfig.apply); a punica
     # backend checks vLLM's kernels here, so a wrong kernel stops the engine at start
@@ -42,7 +48,7 @@ def init_sola(model, vllm_config) -> SolaRuntime:
     runtime = SolaRuntime(config, hf_config.hidden_size, list(groups.values()), max_tokens,
                           dtype=dtype, device=device,
                           max_seqs=vllm_config.scheduler_config.max_num_seqs)
-    patch_model(model, arch, config.layers[0], groups, runtime, register_runtime(runtime))
+    patch_model(model, arch, config.route_layer, groups, runtime, register_runtime(runtime))
     return runtime
 
 

@@ -21,7 +21,7 @@ def register_runtime(runtime) -> int:
 
 @torch.library.custom_op("sola::route", mutates_args=("tok_slot",))
 def route(hidden: torch.Tensor, tok_slot: torch.Tensor, runtime_id: int) -> None:
-    """hidden: [T, d] residual entering the key layer; writes tok_slot[:T] (-1 = no edit)."""
+    """hidden: [T, d] residual entering the route layer; writes tok_slot[:T] (-1 = no edit)."""
     runtime = _RUNTIMES[runtime_id]
     assert tok_slot.data_ptr() == runtime.tok_slot.data_ptr()
     runtime.route(hidden)

@@ -12,6 +12,19 @@ Lifecycle: an active edit routes for every request, a canary edit only for reque
 in (`"vllm_xargs": {"sola_canary": true}`, or a request id in the configured canary fraction);
 staged and revoked edits route for none. A request that does not opt in routes exactly as if
 the canary edits were not there.
+
+Keys (`ServingConfig.key_pool`, `route_layer`): the router reads the residual stream entering
+the route layer. "last": a request's query is its key token's state. "mean": the fp32 mean of
+its prompt states (`keys.pool_keys`), summed across prefill chunks by `pooling.MeanPooler`; a
+request whose prompt positions did not all reach the router (a prefix-cache hit) routes to no
+edit and is counted (`incomplete_pooled_keys`). Prefix caching is refused with mean keys for
+that reason; a per-block partial-sum buffer, kept and reused with the KV blocks, would lift it
+(not built). Captures record the raw query either way.
+
+Key map (`ServingConfig.key_map`, a `key_map.KeyMap` loaded and checked against the model and
+the keys at start): stored keys and captures stay raw; the routed key table and each query are
+mapped before the nearest-key search (the Triton router's start check runs on the mapped
+width), and pre-flight reports take distances after the map, as the reference engine does.
 """
 
 from __future__ import annotations
@@ -27,9 +40,11 @@ import torch
 from sola_vllm.kernels.nearest_key import unit_rows
 
 from ..edit import STATES, Edit, mismatch
+from ..key_map import KeyMap
 from ..preflight import KeyGroup, check
 from .apply_backend import Kernels, make_lora_backend
 from .config import ServingConfig
+from .pooling import MeanPooler
 from .provenance import RequestLog
 from .route_kernel import choose_router, make_nearest, self_check
 
@@ -94,10 +109,12 @@ class SolaRuntime:
         self.targets = targets  # per patched vLLM linear: the edited modules it holds
         self.lora = make_lora_backend(config, targets, max_num_tokens, dtype=dtype,
                                       device=device, max_seqs=max_seqs, kernels=kernels)
+        self.key_map = load_key_map(config, hidden_size, device)  # None: raw distances
+        key_dim = hidden_size if self.key_map is None else self.key_map.out_dim
         self.router = choose_router(config.router, device)  # "torch" or "triton"
         self._nearest = make_nearest(self.router)
         if self.router == "triton":  # a wrong kernel stops the engine at start
-            self_check(self._nearest, hidden_size, device, config.metric, config.threshold)
+            self_check(self._nearest, key_dim, device, config.metric, config.threshold)
         # vLLM builds models under the model dtype and device as torch's defaults, and runs
         # the forward outside them: name both explicitly, here and per forward (`route`)
         on = dict(device=device)
@@ -117,6 +134,9 @@ class SolaRuntime:
         self.hits = np.zeros(config.max_edits, dtype=np.int64)  # routed requests per slot
         self.request_log = RequestLog(config.request_log)  # provenance and hit counts
         self.recomputed_keys = 0  # key tokens seen again (preemption + recompute): route kept
+        # "mean" keys: per-request sums across prefill chunks; keys missing prompt states
+        self.pooler = MeanPooler(hidden_size) if config.key_pool == "mean" else None
+        self.incomplete_keys = 0
         self.step: StepMeta | None = None
         self._forward = self.lora.prepare(self.tok_slot[:0])  # this forward's apply state
         self._key_tables: dict[bool, tuple] = {}  # opted in -> see routed_keys
@@ -238,7 +258,8 @@ class SolaRuntime:
                 "pending_captures": len(self.captures) + len(self.expected),
                 "routed_requests": self.request_log.routed,
                 "unrouted_requests": self.request_log.unrouted,
-                "recomputed_key_tokens": self.recomputed_keys}
+                "recomputed_key_tokens": self.recomputed_keys,
+                "incomplete_pooled_keys": self.incomplete_keys}
 
     def _info(self, edit_id: str) -> _SlotInfo:
         if edit_id not in self.edits:
@@ -250,15 +271,16 @@ class SolaRuntime:
         return self.routed_keys(opted_in=False)
 
     def routed_keys(self, opted_in: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(keys [N, d], owner slots [N], unit keys for cosine or None) a request routes among:
-        active edits' keys, plus canary edits' when it opts in. Rebuilt only after a change:
-        a step with key tokens then only normalizes its queries."""
+        """(keys [N, k], owner slots [N], unit keys for cosine or None) a request routes among:
+        active edits' keys, plus canary edits' when it opts in, mapped by the key map if there
+        is one (k = its width, else d). Rebuilt only after a change: a step with key tokens then
+        only maps and normalizes its queries."""
         if opted_in not in self._key_tables:
             owned = self.key_owner >= 0
             if not opted_in:
                 owned &= ~self.slot_canary[self.key_owner.clamp_min(0).long()]
             rows = owned.nonzero().squeeze(1)
-            keys = self.keys[rows].contiguous()
+            keys = self.mapped(self.keys[rows]).contiguous()
             # unit keys serve the torch search only (the kernel normalizes in place): on CUDA a
             # second copy of a large key table would cost as much memory as the table
             cosine = self.config.metric == "cosine" and self.router == "torch"
@@ -283,7 +305,7 @@ class SolaRuntime:
                   probe_keys: torch.Tensor | None) -> dict:
         """The pre-flight report of `new` against the routed edits (see `preflight`)."""
         return check(new, self.key_groups(), self.config.threshold, self.config.metric,
-                     probes or None, probe_keys)
+                     probes or None, probe_keys, key_map=self.key_map)
 
     def loaded_group(self, edit_id: str) -> KeyGroup:
         info = self._info(edit_id)
@@ -312,18 +334,23 @@ class SolaRuntime:
         for req_id in req_ids:
             self.routes.pop(req_id, None)
             self.request_log.finish(req_id)
+            if self.pooler is not None:
+                self.pooler.drop(req_id)
 
     # --- forward: routing at the key layer, LoRA apply in the edited linears -------------------
     def route(self, hidden: torch.Tensor) -> None:
-        """hidden: [T, d], the residual stream entering the first edited layer. Decides the
-        route of every request whose key token (its prompt's last token) is in this step, and
-        writes each token's edit slot (-1 = none) into `tok_slot[:T]`."""
+        """hidden: [T, d], the residual stream entering the route layer. Decides the route of
+        every request whose key token (its prompt's last token) is in this step, and writes
+        each token's edit slot (-1 = none) into `tok_slot[:T]`."""
         num_tokens = hidden.shape[0]
         step = self.step
         slots = torch.full((num_tokens,), -1, dtype=torch.int32)
         if step is not None and step.num_tokens <= num_tokens:  # else dummy/profile: no routing
             rows, pos = step.tok_row, step.tok_pos
             key_pos = step.row_prompt_len[rows] - 1  # [T]
+            if self.pooler is not None:  # before the key tokens: their own states count
+                pending = np.array([r not in self.routes for r in step.req_ids], dtype=bool)
+                self.pooler.accumulate(hidden, step, pending)
             self._decide(hidden, np.flatnonzero(pos == key_pos), rows)
             row_slot = np.array([self.routes.get(r, -1) for r in step.req_ids], dtype=np.int64)
             slots[: step.num_tokens] = torch.from_numpy(np.where(pos >= key_pos,
@@ -346,29 +373,54 @@ class SolaRuntime:
         step = self.step
         # key tokens of requests routed in an earlier step: recomputed after preemption
         self.recomputed_keys += sum(step.req_ids[int(rows[t])] in self.routes for t in is_key)
-        for t in is_key:  # capture requests only record their key; they never route
+        todo = [int(t) for t in is_key if step.req_ids[int(rows[t])] not in self.routes]
+        queries = self._queries(hidden, todo, rows)  # raw fp32, None: incomplete key
+        routable = []
+        for t, query in zip(todo, queries, strict=True):
             row = int(rows[t])
             capture_id = step.captures[row]
             if capture_id is not None and capture_id in self.expected:
+                # capture requests only record their key; they never route
                 self.expected.discard(capture_id)
-                self.captures[capture_id] = hidden[t].float().clone()
+                if query is not None:
+                    self.captures[capture_id] = query.clone()
                 self.routes[step.req_ids[row]] = -1
-        todo = [int(t) for t in is_key if step.req_ids[int(rows[t])] not in self.routes]
+            elif query is None:  # never a guessed route: the base model answers
+                self.routes[step.req_ids[row]] = -1
+                self.request_log.record(step.req_ids[row], -1, None, float("inf"))
+            else:
+                routable.append((t, query))
         opted = [self.opts_in(step.req_ids[int(rows[t])],
                               bool(step.canary[int(rows[t])]) if step.canary else False)
-                 for t in todo]
+                 for t, _ in routable]
         for opted_in in (False, True):  # each request routes among the keys it may see
-            group = [t for t, o in zip(todo, opted, strict=True) if o == opted_in]
+            group = [tq for tq, o in zip(routable, opted, strict=True) if o == opted_in]
             if group:
-                self._route_tokens(hidden, group, rows, opted_in)
+                self._route_tokens(torch.stack([q for _, q in group]), [t for t, _ in group],
+                                   rows, opted_in)
 
-    def _route_tokens(self, hidden: torch.Tensor, todo: list[int], rows: np.ndarray,
+    def _queries(self, hidden: torch.Tensor, todo: list[int],
+                 rows: np.ndarray) -> list[torch.Tensor | None]:
+        """The raw query (fp32 [d]) of each key token in `todo`: its state ("last") or its
+        request's pooled prompt states ("mean"; None when some never reached the router)."""
+        if self.pooler is None:
+            return list(hidden[todo].float()) if todo else []
+        queries = [self.pooler.take(self.step.req_ids[int(rows[t])]) for t in todo]
+        self.incomplete_keys += sum(q is None for q in queries)
+        return queries
+
+    def mapped(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw keys or queries [..., d] into the space distances are taken in (the key map's)."""
+        return x.float() if self.key_map is None else self.key_map(x)
+
+    def _route_tokens(self, queries: torch.Tensor, todo: list[int], rows: np.ndarray,
                       opted_in: bool) -> None:
+        """queries: raw fp32 [n_key, d], the queries of the key tokens `todo`."""
         step = self.step
         keys, owners, units = self.routed_keys(opted_in)
-        queries = hidden[todo].float()  # [n_key, d]
-        slots, dists, _ = self._nearest(queries, keys, owners, self.config.threshold,
-                                        self.config.metric, key_units=units)
+        slots, dists, _ = self._nearest(self.mapped(queries), keys, owners,
+                                        self.config.threshold, self.config.metric,
+                                        key_units=units)
         for t, slot, dist in zip(todo, slots.tolist(), dists.tolist(), strict=True):
             req_id = step.req_ids[int(rows[t])]
             self.routes[req_id] = slot
@@ -385,3 +437,14 @@ class SolaRuntime:
             raise RuntimeError(f"the router saw {self._forward.num_tokens} tokens in this "
                                f"forward, an edited linear {y.shape[0]}")
         self.lora.apply(group, y, x, self._forward)
+
+
+def load_key_map(config: ServingConfig, hidden_size: int, device) -> KeyMap | None:
+    """The configured key map on the model's device, or None; a map fitted for another model
+    or another kind of key raises `KeyMapError` (a ValueError): the engine does not start."""
+    if config.key_map is None:
+        return None
+    key_map = KeyMap.load(config.key_map)
+    key_map.check_fits(config.model_fingerprint, hidden_size, config.key_pool,
+                       config.route_layer)
+    return key_map.to(device)

@@ -22,8 +22,12 @@ Without an admin token the edit API is open to whoever can connect, so `serve` r
 `--host` other than a loopback address (see `access`).
 
 The store's edits decide the layer set (as for `sola-vllm generate`); a store pinned to another
-base model is refused before vLLM starts. vLLM's own `--config` (a YAML file) is not available
-here: `--config` is sola-vllm's JSON options file.
+base model is refused before vLLM starts. The config file's router section (metric, threshold,
+key map: checked against the model and the keys, passed as an absolute path) reaches the
+workers; with mean-pooled keys (`edit.key_pool`) prefix caching is turned off
+(`--no-enable-prefix-caching`) and `--enable-prefix-caching` is refused (see `llm`).
+vLLM's own `--config` (a YAML file) is not available here: `--config` is sola-vllm's JSON
+options file.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from ..store import EditStore
 from .access import ADMIN_TOKEN_ENV, AccessConfig
 from .audit import AUDIT_ENV
 from .config import ServingConfig
-from .llm import engine_kwargs, on_cuda, serving_config
+from .llm import check_prefix_caching, engine_kwargs, on_cuda, serving_config
 from .manager import CONFIG_ENV, MODEL_ENV, STORE_ENV
 
 SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
@@ -131,6 +135,19 @@ def check_router(router: str) -> None:
                              "or auto)")
 
 
+def prefix_caching_asked(extra: list[str]) -> bool | None:
+    """What the passthrough flags say about prefix caching (the last flag wins, as in argparse;
+    None: nothing)."""
+    asked = None
+    for arg in extra:
+        name = arg.split("=", 1)[0]
+        if name == "--enable-prefix-caching":
+            asked = True
+        elif name == "--no-enable-prefix-caching":
+            asked = False
+    return asked
+
+
 def build_command(kwargs: dict, host: str, port: int, extra: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", SERVER_MODULE, "--model", kwargs["model"],
            "--host", host, "--port", str(port),
@@ -146,6 +163,8 @@ def build_command(kwargs: dict, host: str, port: int, extra: list[str]) -> list[
             raise ValueError(f"--cuda-graphs sets the compilation config itself; drop "
                              f"{chosen[0].split('=', 1)[0]}")
         cmd += ["--compilation-config", json.dumps(kwargs["compilation_config"])]
+    if kwargs.get("enable_prefix_caching") is False and prefix_caching_asked(extra) is None:
+        cmd.append("--no-enable-prefix-caching")  # mean-pooled keys (llm.engine_kwargs)
     return cmd + list(extra)
 
 
@@ -166,6 +185,7 @@ def prepare(args, extra: list[str]) -> tuple[list[str], dict]:
                              apply=getattr(args, "apply", "auto"),
                              router=getattr(args, "router", "auto"))
     check_store(store, serving)
+    check_prefix_caching(serving, prefix_caching_asked(extra))
     cuda_graphs = getattr(args, "cuda_graphs", False)
     check_apply(serving.apply, cuda_graphs)
     check_router(serving.router)
