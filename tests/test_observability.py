@@ -121,7 +121,7 @@ def test_request_ids_are_validated(bad):
 # --- the Prometheus collector -------------------------------------------------------------------
 SNAPSHOT = {"edit_states": {"revoked": 1, "active": 1},
             "stats": {"edits": 2, "max_edits": 4, "keys_in_use": 3, "max_keys": 6,
-                      "requests_in_flight": 1},
+                      "requests_in_flight": 1, "incomplete_pooled_keys": 2},
             "routed": 5, "unrouted": 7, "edit_hits": {"rome": 4, "mars": 1, "gone": 0},
             "logged": 12, "capacity": 100}
 
@@ -147,6 +147,7 @@ def test_collector_reports_the_snapshot():
     assert samples[("sola_edits", (("state", "revoked"),))] == 1
     assert samples[("sola_keys_used", ())] == 3 and samples[("sola_edit_slots_max", ())] == 4
     assert samples[("sola_request_log_entries", ())] == 12
+    assert samples[("sola_incomplete_pooled_keys_total", ())] == 2
     assert 0 <= samples[("sola_metrics_age_seconds", ())] < 3600
 
 

@@ -103,6 +103,10 @@ class SolaCollector(Collector):
         requests.add_metric(["routed"], snap["routed"])
         requests.add_metric(["unrouted"], snap["unrouted"])
         yield requests
+        yield CounterMetricFamily("sola_incomplete_pooled_keys", "Requests given the base "
+                                  "model because some of their prompt states never reached "
+                                  "the router (mean-pooled keys)",
+                                  value=snap["stats"].get("incomplete_pooled_keys", 0))
         yield from self._gauges(snap)
 
     @staticmethod
