@@ -106,6 +106,17 @@ class RouterConfig:
     With `key_map` (a fitted linear map, `key_map.KeyMap`: a file path, or the name of a map
     shipped in `sola_vllm/maps/`) keys and queries are compared after the map; the threshold
     then defaults to the one the map was calibrated for.
+
+    The measured alternative (issue 4), shipped as the named configuration
+    `smollm2-135m-instruct-mean-l6` for the default model: mean-pooled keys entering layer 6
+    (`EditConfig.key_pool`, `route_layer`) under a map fitted on CounterFact dev pairs, threshold
+    0.159 calibrated on zsRE dev (`sola-vllm fit-metric --keep 0.999`: no dev negative routes
+    against 118 dev keys, paraphrase hit 0.915; layers 4, 6 and 8 tie on dev,
+    `benchmarks/results/key_map_dev_choice.json`). Keep 0.99 gave 0.255 (dev paraphrase hit
+    0.975), which let 3.3 % of unrelated prompts route once a store held 998 keys: a store's
+    nearest-key distances shrink as it grows, so the dev rule keeps every dev negative out.
+    It is not the default: a map is fitted for one model (others have none yet), and mean
+    keys turn vLLM's prefix caching off.
     """
 
     metric: str = "cosine"

@@ -167,9 +167,8 @@ def edits_dir(cfg: EvalConfig, method: Method) -> Path:
 
     recipe = {k: v for k, v in method.config.to_dict().items() if k != "router"}
     edit = recipe["edit"]
-    paper_keys = edit["key_pool"] == "last" and edit["route_layer"] is None
-    if paper_keys or method.kind != "routed":  # keys unused, or the paper's: the recipe
-        del edit["key_pool"], edit["route_layer"]  # of runs made before pooled keys
+    if edit["key_pool"] == "last" and edit["route_layer"] is None:  # the paper's keys: the
+        del edit["key_pool"], edit["route_layer"]  # recipe of runs made before pooled keys
     return cfg.out / "edits" / f"{method.name}-{fingerprint(recipe)[:10]}"
 
 

@@ -28,11 +28,19 @@ class Method:
 
 def paper_config(base: SolaConfig) -> SolaConfig:
     """SoLA's own settings on the layer set of `base` (the paper names none for Llama)."""
-    edit = SolaConfig.from_dict({"edit": {**base.to_dict()["edit"], "rank": 4,
-                                          "key_pool": "last", "route_layer": None}}).edit
+    edit = SolaConfig.from_dict({"edit": {**paper_keys(base).to_dict()["edit"], "rank": 4}}).edit
     train = TrainConfig(steps=40, lr=0.05, optimizer="sgd", schedule="cosine", stop_loss=0.0,
                         seed=base.train.seed, init_std=base.train.init_std)
     return SolaConfig(edit=edit, router=RouterConfig(metric="l2", threshold=0.01), train=train)
+
+
+def paper_keys(base: SolaConfig) -> SolaConfig:
+    """`base` with the paper's last-token keys and no key map: for methods that never route
+    (their single LoRA applies to every prompt), so a run with pooled keys shares their edits
+    with runs made without."""
+    edit = SolaConfig.from_dict({"edit": {**base.to_dict()["edit"], "key_pool": "last",
+                                          "route_layer": None}}).edit
+    return SolaConfig(edit=edit, router=RouterConfig(metric=base.router.metric), train=base.train)
 
 
 def build_methods(names: list[str], config: SolaConfig) -> list[Method]:
@@ -53,7 +61,7 @@ def build_methods(names: list[str], config: SolaConfig) -> list[Method]:
                              "L2 distance < 0.01", paper_config(config)),
         "lora-all": Method("lora-all", "joint",
                            "one LoRA fine-tuned on all edits so far, applied to every prompt",
-                           config),
+                           paper_keys(config)),
     }
     return [table[n] for n in names]
 
