@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sola_vllm.arch import EditShape
 from sola_vllm.cli import main
 from sola_vllm.config import RouterConfig, TrainConfig
 from sola_vllm.engine import Route
@@ -158,7 +159,7 @@ def test_analyse_reports_both_thresholds():
 
 # --- calibrate with a stand-in engine -----------------------------------------------------------
 class FakeRouter:
-    metric, threshold = "cosine", 0.05
+    metric, threshold, key_map = "cosine", 0.05, None
 
 
 class FakeEngine:
@@ -166,6 +167,7 @@ class FakeEngine:
 
     def __init__(self, active=("a", "b")):
         self.active, self.router, self.batches = set(active), FakeRouter(), []
+        self.shape = EditShape("llama", 4, (2, 3), ("mlp.up_proj",), 4, 1.0)
 
     def nearest(self, prompts):
         self.batches.append(len(prompts))
