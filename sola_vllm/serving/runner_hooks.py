@@ -46,7 +46,7 @@ def build_step(runner, scheduler_output, num_scheduled_tokens: np.ndarray,
 
 
 def add_block_tables(step: StepMeta, runner, num_reqs: int) -> None:
-    """The rows' KV block tables (mean keys with prefix caching, `pooling.BlockSums`): the
+    """The rows' KV block tables (mean keys with prefix caching, `block_sums.BlockSums`): the
     input batch's table of KV cache group 0 (`_update_states` has written this step's blocks
     into it), copied because the next step rewrites it."""
     groups = getattr(runner, "kv_cache_config", None)

@@ -67,7 +67,7 @@ class StepMeta:
     req_ids: list[str]  # [n]
     captures: list[str | None]  # [n]: key-capture id of capture requests
     canary: list[bool] = field(default_factory=list)  # [n]: the request opts in to canaries
-    # mean keys with prefix caching (`pooling.BlockSums`): the rows' KV block tables
+    # mean keys with prefix caching (`block_sums.BlockSums`): the rows' KV block tables
     # ([n, >= blocks per row] physical block ids), their block size and the KV cache's block
     # count; None where the runner does not give them (prefix-cache hits then stay incomplete)
     row_blocks: np.ndarray | None = None
