@@ -1,7 +1,8 @@
 """Mean-pooled routing keys and a key map in the vLLM worker's SolaRuntime, without vLLM: the
 pooled query equals `keys.pool_keys` however prefill chunks split a prompt, a recompute restarts
-the sum, a skipped prefix routes to no edit (counted), captures stay raw, and with a key map
-routes equal the reference search on mapped keys and queries."""
+the sum, a skipped prefix without block sums routes to no edit (counted; with them see
+tests/test_block_sums.py), captures stay raw, and with a key map routes equal the reference
+search on mapped keys and queries."""
 
 import numpy as np
 import pytest
@@ -148,7 +149,8 @@ def test_a_recomputed_prompt_restarts_its_sum():
 
 
 def test_a_skipped_prefix_routes_to_no_edit_and_is_counted():
-    """A prefix-cache hit: the first positions never reach the router. The partial mean would
+    """A prefix-cache hit without block tables (`StepMeta.row_blocks`): the first positions
+    never reach the router and cannot be recovered. The partial mean would
     sit on the edit's key here, and must not be used."""
     runtime = make_runtime()
     states = integer_states(10, 0)
@@ -246,11 +248,17 @@ def test_the_serving_key_options_are_validated(bad, message):
 
 def test_the_key_options_reach_the_workers_and_mean_keys_turn_prefix_caching_off(
         tmp_path, monkeypatch):
+    """Only where Model Runner V2 may run: the V1 runner keeps per-block sums for cache hits
+    (tests/test_block_sums.py)."""
     from sola_vllm.serving.runner_hooks import PREFIX_GUARD_ENV
 
     monkeypatch.setenv(PREFIX_GUARD_ENV, "1")  # engine_kwargs sets it: restored afterwards
     serving = config()
     assert (serving.key_pool, serving.route_layer) == ("mean", ROUTE_LAYER)
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    assert "enable_prefix_caching" not in engine_kwargs(tmp_path, serving)
+    check_prefix_caching(serving, True)
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
     kwargs = engine_kwargs(tmp_path, serving)
     assert ServingConfig.from_dict(kwargs["hf_overrides"]["sola"]) == serving
     assert kwargs["enable_prefix_caching"] is False
@@ -275,7 +283,8 @@ def test_serve_carries_the_key_options_and_map_and_refuses_prefix_caching(tmp_pa
     """`sola-vllm serve` with a config file asking for mean keys at layer 1 and a key map: both
     reach the workers (a non-empty store serves the keys its edits were read with instead,
     `commands.config_for_store`), the map's path is made absolute and checked before vLLM
-    starts, and prefix caching is turned off or, asked for, refused."""
+    starts, and under Model Runner V2 prefix caching is turned off or, asked for, refused
+    (the V1 runner serves mean keys with it)."""
     import json
 
     from sola_vllm.cli import build_parser
@@ -289,6 +298,7 @@ def test_serve_carries_the_key_options_and_map_and_refuses_prefix_caching(tmp_pa
                {"model_fingerprint": fingerprint, "key_pool": "mean", "route_layer": layer,
                 "threshold": 0.05}).save(tmp_path / name)
     monkeypatch.chdir(tmp_path)  # the config names the map relative to here
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
 
     def serve_args(key_map: str, *extra: str):
         (tmp_path / "config.json").write_text(json.dumps(
@@ -311,24 +321,30 @@ def test_serve_carries_the_key_options_and_map_and_refuses_prefix_caching(tmp_pa
         prepare(*serve_args("map.safetensors", "--enable-prefix-caching"))
     with pytest.raises(KeyMapError, match="route_layer 0; this engine has 1"):
         prepare(*serve_args("other.safetensors"))
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    cmd, _ = prepare(*serve_args("map.safetensors", "--enable-prefix-caching"))
+    assert "--no-enable-prefix-caching" not in cmd and "--enable-prefix-caching" in cmd
 
 
-def test_an_engine_with_prefix_caching_refuses_mean_keys_at_start():
-    """Whatever launched it: the worker itself refuses before patching anything."""
+def test_model_runner_v2_with_prefix_caching_refuses_mean_keys_at_start():
+    """Whatever launched it: the worker itself refuses, knowing its runner (only the V1
+    runner's hooks keep the per-block sums a cache hit needs)."""
     from types import SimpleNamespace
 
-    from sola_vllm.serving.models import init_sola
-    from sola_vllm.serving.runner_support import UnsupportedRunnerError
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner as Mrv2Runner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner as V1Runner
+
+    from sola_vllm.serving.models import check_pooled_prefix_caching
 
     def vllm_config(prefix_caching: bool):
         return SimpleNamespace(
-            model_config=SimpleNamespace(hf_config=SimpleNamespace(sola=config().to_dict())),
-            parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1,
-                                            data_parallel_size=1),
-            cache_config=SimpleNamespace(enable_prefix_caching=prefix_caching),
-            lora_config=None)
+            cache_config=SimpleNamespace(enable_prefix_caching=prefix_caching))
 
-    with pytest.raises(ValueError, match="mean-pooled routing keys with prefix caching on"):
-        init_sola(None, vllm_config(True))
-    with pytest.raises(UnsupportedRunnerError):  # past the check: no model runner here
-        init_sola(None, vllm_config(False))
+    mrv2, v1 = object.__new__(Mrv2Runner), object.__new__(V1Runner)
+    with pytest.raises(ValueError, match="prefix caching only under vLLM's V1 model runner"):
+        check_pooled_prefix_caching(config(), vllm_config(True), mrv2)
+    check_pooled_prefix_caching(config(), vllm_config(False), mrv2)
+    check_pooled_prefix_caching(config(), vllm_config(True), v1)
+    last = ServingConfig.from_shape(EditShape("llama", 4, LAYERS, MODULES, 4, 1.0), "llama",
+                                    MODEL)
+    check_pooled_prefix_caching(last, vllm_config(True), mrv2)

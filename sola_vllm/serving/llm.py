@@ -59,14 +59,14 @@ def engine_kwargs(model_path: Path, serving: ServingConfig, cuda_graphs: bool = 
     """What vLLM needs to build the plugin's model; also sets the prefix-cache guard.
     On CUDA the engine runs eager unless `cuda_graphs`: then piecewise CUDA graphs split at
     the router (`graphs.graph_compilation_config`; not yet run on a GPU). Mean-pooled keys
-    turn prefix caching off (see `check_prefix_caching`)."""
+    turn prefix caching off where Model Runner V2 may run (see `check_prefix_caching`)."""
     os.environ[PREFIX_GUARD_ENV] = "1"
     # either model runner is hooked (V1 and Model Runner V2); vLLM picks it as usual
     kwargs = {"model": str(model_path),
               "hf_overrides": {"architectures": [serving.architecture],
                                "sola": serving.to_dict()},
               "worker_extension_cls": WORKER_EXTENSION}
-    if serving.key_pool == "mean":
+    if serving.key_pool == "mean" and mrv2_may_run():
         kwargs["enable_prefix_caching"] = False
     if cuda_graphs:
         kwargs["compilation_config"] = cuda_graphs_config()
@@ -76,13 +76,28 @@ def engine_kwargs(model_path: Path, serving: ServingConfig, cuda_graphs: bool = 
 
 
 def check_prefix_caching(serving: ServingConfig, enabled: bool | None) -> None:
-    """Refuse prefix caching with mean-pooled keys: a cached block's tokens never pass the
-    router, so a request's pooled key would lack them (`runtime` routes such a request to no
-    edit rather than guess). `enabled`: what the user asked for (None: nothing)."""
-    if enabled and serving.key_pool == "mean":
+    """Refuse prefix caching with mean-pooled keys where Model Runner V2 may run: a cached
+    block's tokens never pass the router, and only the V1 runner's hooks keep each KV block's
+    state sums to stand in for them (`block_sums`); the worker refuses it too, knowing its
+    runner (`models.check_pooled_prefix_caching`). `enabled`: what the user asked for (None:
+    nothing)."""
+    if enabled and serving.key_pool == "mean" and mrv2_may_run():
         raise ValueError("prefix caching cannot serve mean-pooled routing keys (edit.key_pool "
-                         "'mean'): cached prompt blocks skip the router, so their states would "
-                         "be missing from the key; leave prefix caching off")
+                         "'mean') under vLLM's Model Runner V2 (CUDA's default): cached prompt "
+                         "blocks skip the router, so their states would be missing from the "
+                         "key; leave prefix caching off, or run the V1 runner "
+                         "(VLLM_USE_V2_MODEL_RUNNER=0)")
+
+
+def mrv2_may_run() -> bool:
+    """Whether vLLM may pick Model Runner V2: asked for by VLLM_USE_V2_MODEL_RUNNER, or, unset,
+    on CUDA (where vLLM prefers it); CPU engines run the V1 runner unless asked."""
+    value = os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip().lower()
+    if value in ("0", "false"):
+        return False
+    if value in ("1", "true"):
+        return True
+    return on_cuda()
 
 
 def cuda_graphs_config() -> dict:
@@ -121,7 +136,7 @@ class SolaLLM:
                                       max_keys=max_keys, max_rank=max_rank, apply=apply,
                                       router=router)
         # the caller's vLLM options win (enforce_eager included), but never prefix caching
-        # with mean-pooled keys
+        # with mean-pooled keys under Model Runner V2
         check_prefix_caching(self.serving, llm_kwargs.get("enable_prefix_caching"))
         kwargs = engine_kwargs(self.model_path, self.serving, cuda_graphs)
         self.llm = LLM(**{**kwargs, **llm_kwargs})

@@ -16,7 +16,7 @@ from .config import ServingConfig
 from .graphs import check_graphs
 from .layers import lora_targets, patch_model
 from .ops import register_runtime
-from .runner_support import check_runner, find_runner
+from .runner_support import check_runner, find_runner, is_mrv2
 from .runtime import SolaRuntime
 
 
@@ -31,12 +31,9 @@ def init_sola(model, vllm_config) -> SolaRuntime:
                          "now")
     if vllm_config.lora_config is not None:
         raise ValueError("sola-vllm applies its own LoRAs: leave vLLM's --enable-lora off")
-    if config.key_pool == "mean" and vllm_config.cache_config.enable_prefix_caching:
-        # cached blocks skip the router: their states would be missing from pooled keys
-        raise ValueError("sola-vllm cannot serve mean-pooled routing keys with prefix caching "
-                         "on: start vLLM with enable_prefix_caching=False "
-                         "(--no-enable-prefix-caching)")
-    check_runner(find_runner())  # before any weight is patched: fail at engine start
+    runner = find_runner()
+    check_runner(runner)  # before any weight is patched: fail at engine start
+    check_pooled_prefix_caching(config, vllm_config, runner)
     # the model's dtype and device pick the apply backend (ServingConfig.apply); a punica
     # backend checks vLLM's kernels here, so a wrong kernel stops the engine at start
     device, dtype = next(model.parameters()).device, vllm_config.model_config.dtype
@@ -50,6 +47,18 @@ def init_sola(model, vllm_config) -> SolaRuntime:
                           max_seqs=vllm_config.scheduler_config.max_num_seqs)
     patch_model(model, arch, config.route_layer, groups, runtime, register_runtime(runtime))
     return runtime
+
+
+def check_pooled_prefix_caching(config: ServingConfig, vllm_config, runner) -> None:
+    """Mean-pooled keys with prefix caching need each cached block's state sums
+    (`block_sums.BlockSums`), which only the V1 runner's hooks keep: under Model Runner V2 a
+    hit's states would be missing from the key, so the engine does not start."""
+    if (config.key_pool == "mean" and vllm_config.cache_config.enable_prefix_caching
+            and is_mrv2(runner)):
+        raise ValueError("sola-vllm serves mean-pooled routing keys with prefix caching only "
+                         "under vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0): under "
+                         "Model Runner V2 start vLLM with enable_prefix_caching=False "
+                         "(--no-enable-prefix-caching)")
 
 
 def _with_sola(base: type, name: str) -> type:

@@ -11,12 +11,16 @@ request's sum freed then.
 What a sum cannot survive, and how it is handled:
 - recompute (preemption frees the KV cache, the prompt is prefilled again from position 0):
   a chunk that starts before the expected position restarts the sum;
-- skipped positions (a prefix-cache hit: those tokens never reach the router): a chunk that
-  starts after the expected position makes the key incomplete; `take` then returns None and
-  the runtime routes the request to no edit (never a guess). Prefix caching is therefore
-  refused with mean keys (`llm.check_prefix_caching`, `models.init_sola`); a per-block
-  partial-sum buffer, kept with the KV blocks and reused with them, would lift that (not
-  built).
+- prefix-cache hits (the request's first p0 tokens, whole KV blocks, never reach the router):
+  `BlockSums` keeps, beside the KV cache, each physical KV block's fp32 sum of the states at
+  positions >= 1 it holds, written when its tokens are computed and reset when its first slot
+  is computed again (blocks are reused for other content). vLLM reuses a block only when its
+  content hash matches, and the prefix-cache guard (`runner_hooks`) keeps blocks holding a key
+  token or generated tokens private, so a hit block's sum is what this request would have
+  summed: a sum that starts at p0 > 0 on a block boundary starts from its hit blocks' sums
+  (count p0 - 1: position 0 is not pooled);
+- any other skipped positions (or a hit block whose sum is not whole): the key is incomplete;
+  `take` then returns None and the runtime routes the request to no edit (never a guess).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from .block_sums import BlockSums
 
 
 @dataclass
@@ -39,11 +45,14 @@ class MeanPooler:
     def __init__(self, hidden_size: int):
         self.hidden_size = hidden_size
         self.sums: dict[str, _Sum] = {}  # request id -> its running sum (until it is routed)
+        self.blocks = BlockSums(hidden_size)  # per KV block (prefix-cache hits)
 
     def accumulate(self, hidden: torch.Tensor, step, pending: np.ndarray) -> None:
         """Add this step's pooled prompt positions of the `pending` rows (bool [n]: requests
         not routed yet) to their sums. hidden: [>= step.num_tokens, d], the route layer's
         input for the step's tokens in order (`StepMeta`)."""
+        # first: a request may hit blocks that another computes in this very step
+        self.blocks.write(hidden, step)
         rows, pos = step.tok_row, step.tok_pos
         key_pos = step.row_prompt_len[rows] - 1  # [T]
         prompt = (pos <= key_pos) & pending[rows]  # prompt tokens of requests still to route
@@ -55,7 +64,7 @@ class MeanPooler:
         np.minimum.at(first, rows[prompt], pos[prompt])
         np.maximum.at(last, rows[prompt], pos[prompt])
         seen = np.flatnonzero(last >= 0)  # rows with prompt tokens in this step
-        sums = [self._begin(step.req_ids[row], int(first[row]), hidden) for row in seen]
+        sums = [self._begin(step, int(row), int(first[row]), hidden) for row in seen]
         pooled = np.flatnonzero(prompt & ((pos >= 1) | (key_pos == 0)))
         counts = np.bincount(rows[pooled], minlength=n)
         part = torch.zeros(n, hidden.shape[1], dtype=torch.float32, device=hidden.device)
@@ -68,16 +77,32 @@ class MeanPooler:
             total.count += int(counts[row])
             total.next_pos = int(last[row]) + 1
 
-    def _begin(self, req_id: str, first: int, hidden: torch.Tensor) -> _Sum:
-        """The sum this step's chunk (starting at prompt position `first`) adds to."""
+    def _begin(self, step, row: int, first: int, hidden: torch.Tensor) -> _Sum:
+        """The sum that row `row`'s chunk (starting at prompt position `first`) adds to."""
+        req_id = step.req_ids[row]
         total = self.sums.get(req_id)
         if total is None or first < total.next_pos:  # new, or recomputed from earlier: restart
             total = _Sum(torch.zeros(self.hidden_size, dtype=torch.float32,
                                      device=hidden.device))
             self.sums[req_id] = total
+            if first > 0:  # its first blocks were prefix-cache hits
+                self._start_from_blocks(total, step, row, first)
         if first > total.next_pos:  # positions skipped: the key would miss their states
             total.complete = False
         return total
+
+    def _start_from_blocks(self, total: _Sum, step, row: int, first: int) -> None:
+        """Start a new sum at prompt position `first` from the sums of the KV blocks holding
+        positions 0..first-1 (whole blocks, from its block table); left as is (incomplete,
+        see `_begin`) when that is not possible."""
+        size = step.block_size
+        if step.row_blocks is None or size <= 0 or first % size:
+            return
+        prefix = self.blocks.prefix(step.row_blocks[row, : first // size])
+        if prefix is not None:
+            total.total += prefix
+            total.count = first - 1  # position 0 is not pooled
+            total.next_pos = first
 
     def take(self, req_id: str) -> torch.Tensor | None:
         """The request's pooled query (fp32 [d]) at its key token, or None if its sum is

@@ -23,7 +23,8 @@ def _runtime(runner):
     return getattr(model, "sola", None)
 
 
-def build_step(runner, scheduler_output, num_scheduled_tokens: np.ndarray) -> StepMeta:
+def build_step(runner, scheduler_output, num_scheduled_tokens: np.ndarray,
+               with_blocks: bool = False) -> StepMeta:
     batch = runner.input_batch
     num_reqs = batch.num_reqs
     total = int(scheduler_output.total_num_scheduled_tokens)
@@ -38,7 +39,23 @@ def build_step(runner, scheduler_output, num_scheduled_tokens: np.ndarray) -> St
         captures.append(extra.get("sola_capture"))
         canary.append(opts_in_to_canary(extra.get("sola_canary")))
     prompt_len = np.asarray(batch.num_prompt_tokens[:num_reqs], dtype=np.int64)
-    return StepMeta(total, rows, pos.astype(np.int64), prompt_len, req_ids, captures, canary)
+    step = StepMeta(total, rows, pos.astype(np.int64), prompt_len, req_ids, captures, canary)
+    if with_blocks:
+        add_block_tables(step, runner, num_reqs)
+    return step
+
+
+def add_block_tables(step: StepMeta, runner, num_reqs: int) -> None:
+    """The rows' KV block tables (mean keys with prefix caching, `block_sums.BlockSums`): the
+    input batch's table of KV cache group 0 (`_update_states` has written this step's blocks
+    into it), copied because the next step rewrites it."""
+    groups = getattr(runner, "kv_cache_config", None)
+    if groups is None or len(groups.kv_cache_groups) != 1:  # hybrid models: not supported
+        return
+    table = runner.input_batch.block_table[0]
+    step.row_blocks = table.block_table.np[:num_reqs].copy()
+    step.block_size = int(table.block_size)
+    step.num_kv_blocks = int(groups.num_blocks)
 
 
 def opts_in_to_canary(value: object) -> bool:
@@ -62,7 +79,8 @@ def apply_runner_hooks() -> None:
         result = prepare(self, scheduler_output, num_scheduled_tokens)
         runtime = _runtime(self)
         if runtime is not None:
-            runtime.step = build_step(self, scheduler_output, num_scheduled_tokens)
+            runtime.step = build_step(self, scheduler_output, num_scheduled_tokens,
+                                      with_blocks=runtime.pooler is not None)
         return result
 
     def _update_states(self, scheduler_output):

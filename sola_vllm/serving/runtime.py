@@ -16,10 +16,10 @@ the canary edits were not there.
 Keys (`ServingConfig.key_pool`, `route_layer`): the router reads the residual stream entering
 the route layer. "last": a request's query is its key token's state. "mean": the fp32 mean of
 its prompt states (`keys.pool_keys`), summed across prefill chunks by `pooling.MeanPooler`; a
-request whose prompt positions did not all reach the router (a prefix-cache hit) routes to no
-edit and is counted (`incomplete_pooled_keys`). Prefix caching is refused with mean keys for
-that reason; a per-block partial-sum buffer, kept and reused with the KV blocks, would lift it
-(not built). Captures record the raw query either way.
+prefix-cache hit's skipped blocks add the sums kept per KV block (`block_sums.BlockSums`,
+under the V1 runner; Model Runner V2 refuses prefix caching with mean keys), and a request
+whose prompt positions did not all reach the router otherwise routes to no edit and is counted
+(`incomplete_pooled_keys`). Captures record the raw query either way.
 
 Key map (`ServingConfig.key_map`, a `key_map.KeyMap` loaded and checked against the model and
 the keys at start): stored keys and captures stay raw; the routed key table and each query are
@@ -67,6 +67,12 @@ class StepMeta:
     req_ids: list[str]  # [n]
     captures: list[str | None]  # [n]: key-capture id of capture requests
     canary: list[bool] = field(default_factory=list)  # [n]: the request opts in to canaries
+    # mean keys with prefix caching (`block_sums.BlockSums`): the rows' KV block tables
+    # ([n, >= blocks per row] physical block ids), their block size and the KV cache's block
+    # count; None where the runner does not give them (prefix-cache hits then stay incomplete)
+    row_blocks: np.ndarray | None = None
+    block_size: int = 0
+    num_kv_blocks: int = 0
 
 
 @dataclass

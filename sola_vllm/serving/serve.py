@@ -24,8 +24,9 @@ Without an admin token the edit API is open to whoever can connect, so `serve` r
 The store's edits decide the layer set (as for `sola-vllm generate`); a store pinned to another
 base model is refused before vLLM starts. The config file's router section (metric, threshold,
 key map: checked against the model and the keys, passed as an absolute path) reaches the
-workers; with mean-pooled keys (`edit.key_pool`) prefix caching is turned off
-(`--no-enable-prefix-caching`) and `--enable-prefix-caching` is refused (see `llm`).
+workers; with mean-pooled keys (`edit.key_pool`) where Model Runner V2 may run (CUDA, or
+VLLM_USE_V2_MODEL_RUNNER=1) prefix caching is turned off (`--no-enable-prefix-caching`) and
+`--enable-prefix-caching` is refused; the V1 runner serves them with it (see `llm`).
 vLLM's own `--config` (a YAML file) is not available here: `--config` is sola-vllm's JSON
 options file.
 """
@@ -164,7 +165,7 @@ def build_command(kwargs: dict, host: str, port: int, extra: list[str]) -> list[
                              f"{chosen[0].split('=', 1)[0]}")
         cmd += ["--compilation-config", json.dumps(kwargs["compilation_config"])]
     if kwargs.get("enable_prefix_caching") is False and prefix_caching_asked(extra) is None:
-        cmd.append("--no-enable-prefix-caching")  # mean-pooled keys (llm.engine_kwargs)
+        cmd.append("--no-enable-prefix-caching")  # mean keys under MRV2 (llm.engine_kwargs)
     return cmd + list(extra)
 
 
