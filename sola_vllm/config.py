@@ -116,7 +116,8 @@ class RouterConfig:
     0.975), which let 3.3 % of unrelated prompts route once a store held 998 keys: a store's
     nearest-key distances shrink as it grows, so the dev rule keeps every dev negative out.
     It is not the default: a map is fitted for one model (others have none yet), and mean
-    keys turn vLLM's prefix caching off.
+    keys turn vLLM's prefix caching off under Model Runner V2 (the V1 runner keeps it, with
+    per-block state sums).
     """
 
     metric: str = "cosine"

@@ -348,3 +348,8 @@ def test_model_runner_v2_with_prefix_caching_refuses_mean_keys_at_start():
     last = ServingConfig.from_shape(EditShape("llama", 4, LAYERS, MODULES, 4, 1.0), "llama",
                                     MODEL)
     check_pooled_prefix_caching(last, vllm_config(True), mrv2)
+    connector = SimpleNamespace(cache_config=SimpleNamespace(enable_prefix_caching=False),
+                                kv_transfer_config={"kv_connector": "OffloadingConnector"})
+    with pytest.raises(ValueError, match="KV transfer or offload connector"):
+        check_pooled_prefix_caching(config(), connector, v1)
+    check_pooled_prefix_caching(last, connector, v1)  # last-token keys never pool

@@ -52,7 +52,13 @@ def init_sola(model, vllm_config) -> SolaRuntime:
 def check_pooled_prefix_caching(config: ServingConfig, vllm_config, runner) -> None:
     """Mean-pooled keys with prefix caching need each cached block's state sums
     (`block_sums.BlockSums`), which only the V1 runner's hooks keep: under Model Runner V2 a
-    hit's states would be missing from the key, so the engine does not start."""
+    hit's states would be missing from the key, so the engine does not start. Nor with a KV
+    connector: blocks it loads were never computed here."""
+    if config.key_pool == "mean" and getattr(vllm_config, "kv_transfer_config", None):
+        # a block loaded from elsewhere was never computed here: no state sum, or a stale one
+        raise ValueError("sola-vllm cannot serve mean-pooled routing keys with a KV transfer "
+                         "or offload connector (kv_transfer_config): blocks it loads skip the "
+                         "router, so their states would be missing from the keys")
     if (config.key_pool == "mean" and vllm_config.cache_config.enable_prefix_caching
             and is_mrv2(runner)):
         raise ValueError("sola-vllm serves mean-pooled routing keys with prefix caching only "
