@@ -240,10 +240,17 @@ class RoutedEngine:
                                         self.router.threshold, self.router.metric)
         return slot.long(), dist
 
-    @torch.inference_mode()
-    def key_queries(self, prompts: list[str]) -> torch.Tensor:
+    def key_queries(self, prompts: list[str], batch_size: int = 32) -> torch.Tensor:
         """The routing query of each prompt, raw fp32 [B, H]: its states entering the route
-        layer, pooled as the shape says (what routing compares with the stored keys)."""
+        layer, pooled as the shape says (what routing compares with the stored keys); computed
+        `batch_size` prompts per forward."""
+        if not prompts:
+            raise ValueError("no prompts given")
+        return torch.cat([self._key_queries(prompts[i:i + batch_size])
+                          for i in range(0, len(prompts), batch_size)])
+
+    @torch.inference_mode()
+    def _key_queries(self, prompts: list[str]) -> torch.Tensor:
         from .train import residuals_at
 
         batch = self._batch(prompts)

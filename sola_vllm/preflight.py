@@ -138,10 +138,7 @@ def routed_groups(engine) -> list[KeyGroup]:
 def check_with_engine(engine, new: KeyGroup, probes: list[str] | None = None) -> dict:
     """The pre-flight report of `new` against the engine's routed edits, with its router's
     metric and threshold; `probes` are routed with the engine's own key queries."""
-    queries = None
-    if probes:
-        queries = torch.cat([engine.key_queries(probes[i:i + PROBE_BATCH])
-                             for i in range(0, len(probes), PROBE_BATCH)])
+    queries = engine.key_queries(probes, PROBE_BATCH) if probes else None
     return check(new, routed_groups(engine), engine.router.threshold, engine.router.metric,
                  probes, queries, engine.key_map)
 

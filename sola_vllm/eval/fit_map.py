@@ -25,7 +25,6 @@ import json
 import random
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 
 from ..key_map import KeyMap
@@ -33,7 +32,6 @@ from .calibrate import check_keep, suggest_threshold
 from .data import DataError, load
 from .metric_study import FitConfig, fit_linear_metric
 
-QUERY_BATCH = 32
 MAX_PAIRS_LINE = 10_000  # characters per line of a --pairs file
 
 
@@ -77,16 +75,10 @@ def dataset_pairs(path: Path) -> list[tuple[str, str, str]]:
     return [(c.prompt, c.paraphrases[0], c.subject.lower()) for c in cases]
 
 
-def queries(engine, texts: list[str]) -> torch.Tensor:
-    """Raw routing queries [n, d] as the engine reads them."""
-    return torch.cat([engine.key_queries(texts[i:i + QUERY_BATCH])
-                      for i in range(0, len(texts), QUERY_BATCH)])
-
-
 def fit(engine, pairs: list[tuple[str, str, str]], cfg: FitConfig) -> KeyMap:
     prompts, paraphrases, groups = (list(col) for col in zip(*pairs, strict=True))
-    fitted = fit_linear_metric(queries(engine, prompts), queries(engine, paraphrases), groups,
-                               cfg)
+    fitted = fit_linear_metric(engine.key_queries(prompts), engine.key_queries(paraphrases),
+                               groups, cfg)
     shape = engine.shape
     info = {**fitted.info, "model_fingerprint": engine.model_fingerprint,
             "hidden_size": engine.hidden_size, "key_pool": shape.key_pool,
@@ -108,7 +100,7 @@ def calibrate(engine, key_map: KeyMap, path: Path, keep: float, metric: str) -> 
     held_out = [c for c in cases if c.subject.lower() not in keyed_subjects]
 
     def units(texts):
-        return F.normalize(key_map(queries(engine, texts)), dim=-1)
+        return F.normalize(key_map(engine.key_queries(texts)), dim=-1)
 
     keys = units([c.prompt for c in keyed])
     key_subject = [c.subject.lower() for c in keyed]

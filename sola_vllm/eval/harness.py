@@ -240,9 +240,8 @@ class Probe:
         if not routed:
             return {p: (None, float("inf")) for p in unique}
         missing = [p for p in unique if p not in self._queries]
-        for start in range(0, len(missing), 64):
-            chunk = missing[start:start + 64]
-            for p, q in zip(chunk, self.engine.key_queries(chunk), strict=True):
+        if missing:
+            for p, q in zip(missing, self.engine.key_queries(missing, 64), strict=True):
                 self._queries[p] = q
         queries = torch.stack([self._queries[p] for p in unique])
         nearest = self.engine.nearest(queries=queries)
