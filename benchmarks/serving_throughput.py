@@ -142,7 +142,12 @@ def start_sola(args, model: Path, unrelated, results: dict):
 
     top = max(args.edits)
     started = time.perf_counter()
-    sola = SolaLLM(model, max_edits=max(top, 1), max_keys=max(top, 1), **ENGINE)
+    config = None
+    if args.config is not None:
+        from sola_vllm.commands import load_config
+
+        config = load_config(args.config)
+    sola = SolaLLM(model, config, max_edits=max(top, 1), max_keys=max(top, 1), **ENGINE)
     results["startup_sola_s"] = time.perf_counter() - started
     warm(sola.llm, unrelated, args)
     return sola
@@ -266,6 +271,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 0 and 20 edits, 8 requests of 8 tokens")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="offline: sola-vllm options for the plugin's engine (a JSON file "
+                             "or a shipped name, e.g. smollm2-135m-instruct-mean-l6)")
     parser.add_argument("--out", type=Path, default=RESULTS / "serving_throughput.json")
     args = parser.parse_args()
     if args.quick:

@@ -58,7 +58,8 @@ def synthetic_edits(serving, prompts: list[str], rank: int, seed: int = 0, first
                           model_fingerprint=serving.model_fingerprint,
                           shape_fingerprint=serving.shape_fingerprint, arch=serving.model_type,
                           layers=list(serving.layers), modules=list(serving.modules),
-                          rank=rank, scale=1.0))
+                          rank=rank, scale=1.0, key_pool=serving.key_pool,
+                          route_layer=serving.route_layer))
     return edits
 
 
