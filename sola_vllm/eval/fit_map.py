@@ -90,7 +90,8 @@ def calibrate(engine, key_map: KeyMap, path: Path, keep: float, metric: str) -> 
     """The threshold for `key_map` on `path`'s dev split (see the module docstring)."""
     if metric != "cosine":
         raise ValueError("fit-metric calibrates cosine distances (router.metric 'cosine')")
-    cases = [c for c in load(path).split("dev") if c.paraphrases]
+    data = load(path)
+    cases = [c for c in data.split("dev") if c.paraphrases]
     subjects = list(dict.fromkeys(c.subject.lower() for c in cases))
     if len(subjects) < 4:
         raise DataError(f"{path}: its dev split has {len(subjects)} subjects; calibrating "
@@ -118,7 +119,7 @@ def calibrate(engine, key_map: KeyMap, path: Path, keep: float, metric: str) -> 
     # are keys side by side; which of them answers is the conflict the eval reports)
     hit = [d < threshold and key_subject[i] == c.subject.lower()
            for d, i, c in zip(dist.tolist(), index, keyed, strict=True)]
-    return {"threshold": threshold, "keep": keep, "data": load(path).name, "split": "dev",
+    return {"threshold": threshold, "keep": keep, "data": data.name, "split": "dev",
             "keys": len(keyed), "hard_negatives": len(held_out),
             "unrelated_negatives": int(len(unrelated)),
             "paraphrase_hit": sum(hit) / len(hit),
