@@ -16,6 +16,7 @@ tokens of the prompts, and the tokens after revoking.
 import json
 import os
 import sys
+from pathlib import Path
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ["VLLM_DISABLE_COMPILE_CACHE"] = "1"  # split afresh, so the pieces are seen
@@ -60,7 +61,7 @@ def force_piecewise(pieces: list) -> None:
 
 def main() -> None:
     model, spec_path = sys.argv[1], sys.argv[2]
-    spec = json.loads(open(spec_path).read())
+    spec = json.loads(Path(spec_path).read_text())
     pieces: list = []
     force_piecewise(pieces)
     from sola_vllm.edit import Edit
@@ -69,7 +70,7 @@ def main() -> None:
     llm = SolaLLM(model, max_edits=8, max_keys=16, dtype="float32", enforce_eager=False,
                   max_model_len=512, seed=0)
     try:
-        llm.add_edits([Edit.from_bytes(open(p, "rb").read()) for p in spec["edits"]])
+        llm.add_edits([Edit.from_bytes(Path(p).read_bytes()) for p in spec["edits"]])
         tokens = [c.token_ids for c in llm.generate(spec["prompts"], spec["max_tokens"])]
         llm.revoke(spec["revoke"])
         revoked = [c.token_ids for c in llm.generate(spec["prompts"], spec["max_tokens"])]

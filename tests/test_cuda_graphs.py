@@ -22,12 +22,15 @@ import pytest
 import torch
 from interpreted_kernels import clear_pointer_caches, interpreted_vllm_modules
 from launch_recorder import LaunchRecorder
-from test_punica_backend import (DEVICE, DTYPE, GROUPS, HIDDEN, VS_REF, WIDTHS, config, edit,
-                                 step)
+from test_punica_backend import DEVICE, DTYPE, GROUPS, HIDDEN, VS_REF, WIDTHS, config, edit, step
 from vllm.config import CompilationConfig, CUDAGraphMode
 
-from sola_vllm.serving.graphs import (ROUTE_OP, graph_compilation_config, graphs_blocker,
-                                      vllm_default_splitting_ops)
+from sola_vllm.serving.graphs import (
+    ROUTE_OP,
+    graph_compilation_config,
+    graphs_blocker,
+    vllm_default_splitting_ops,
+)
 from sola_vllm.serving.ops import register_runtime
 from sola_vllm.serving.runtime import SolaRuntime
 
