@@ -222,13 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
     fit = sub.add_parser("fit-metric", help="fit a key map (routing metric) and its threshold",
                          description="Fit a linear key map on (prompt, paraphrase) pairs for "
                                      "the model and the keys --config reads, and calibrate "
-                                     "its threshold on a benchmark's dev split.")
-    fit.add_argument("--data", type=Path, default=None,
-                     help="benchmark file whose dev split gives the pairs (zsRE or ROME)")
+                                     "its threshold on benchmarks' dev splits.")
+    fit.add_argument("--data", type=Path, nargs="+", default=None,
+                     help="benchmark files whose dev splits give the pairs (zsRE or ROME)")
     fit.add_argument("--pairs", type=Path, default=None,
                      help='or JSON lines {"prompt", "paraphrase", "group"?}')
-    fit.add_argument("--calibrate", type=Path, default=None,
-                     help="benchmark file whose dev split calibrates the threshold")
+    fit.add_argument("--calibrate", type=Path, nargs="+", default=None,
+                     help="benchmark files whose dev splits calibrate the threshold (the "
+                          "smallest of theirs is kept)")
     fit.add_argument("--keep", type=float, default=0.99,
                      help="share of each negative group kept unrouted (default 0.99)")
     fit.add_argument("--dim", type=int, default=64, help="dimensions after the map")

@@ -469,15 +469,14 @@ def fit_metric(args) -> dict:
     from .eval.fit_map import fit_metric_command
 
     result = fit_metric_command(args, open_engine, load_config)
-    calibration = result.get("calibration")
     lines = [f"key map written to {result['out']} ({result['key_pool']}-pooled keys entering "
              f"layer {result['route_layer']}, {result['dim']} dimensions, "
              f"fitted on {result['fit']['pairs']} pairs)"]
-    if calibration:
-        lines.append(f"threshold {calibration['threshold']:.4g} on {calibration['data']} dev: "
-                     f"paraphrase hit {calibration['paraphrase_hit']:.3f}, hard negatives "
-                     f"routed {calibration['hard_negative_routed']:.3f}, unrelated routed "
-                     f"{calibration['unrelated_routed']:.3f} ({calibration['keys']} keys)")
+    for cal in result.get("calibration", []):
+        lines.append(f"threshold {cal['threshold']:.4g} on {cal['data']} dev (its own "
+                     f"{cal['own_threshold']:.4g}): paraphrase hit {cal['paraphrase_hit']:.3f}, "
+                     f"hard negatives routed {cal['hard_negative_routed']:.3f}, unrelated "
+                     f"routed {cal['unrelated_routed']:.3f} ({cal['keys']} keys)")
     return {**result, "text": "\n".join(lines)}
 
 

@@ -13,7 +13,7 @@ from sola_vllm.arch import EditShape, resolve
 from sola_vllm.config import EditConfig, RouterConfig, SolaConfig, TrainConfig, fingerprint
 from sola_vllm.edit import Edit
 from sola_vllm.engine import EditMismatchError, RoutedEngine
-from sola_vllm.eval.data import DataError
+from sola_vllm.eval.data import DataError, load
 from sola_vllm.eval.fit_map import fit, load_pairs
 from sola_vllm.eval.metric_study import FitConfig
 from sola_vllm.key_map import KeyMap, KeyMapError, resolve_path
@@ -265,17 +265,24 @@ def test_fit_metric_writes_a_map_calibrated_on_dev_data(capsys, tmp_path):
                                            "route_layer": 1}}))
     out = tmp_path / "map.safetensors"
     code, result = _cli(capsys, "fit-metric", "--model", tiny_model("llama"), "--config", config,
-                        "--data", FACTS, "--calibrate", ZSRE, "--dim", 4, "--steps", 5,
-                        "--out", out)
+                        "--data", FACTS, ZSRE, "--calibrate", ZSRE, FACTS, "--dim", 4,
+                        "--steps", 5, "--out", out)
     assert code == 0, result
     key_map = KeyMap.load(out)
-    calibration = key_map.info["calibration"]
     assert key_map.out_dim == 4 and key_map.info["route_layer"] == 1
-    assert key_map.threshold == calibration["threshold"] > 0
-    assert calibration["split"] == "dev" and calibration["keys"] > 50
-    assert calibration["hard_negative_routed"] <= 0.01 and calibration["unrelated_routed"] <= 0.01
+    assert key_map.info["fit"]["data"] == [str(FACTS), str(ZSRE)]
+    dev_pairs = sum(1 for path in (FACTS, ZSRE) for c in load(path).split("dev") if c.paraphrases)
+    assert key_map.info["fit"]["pairs"] == dev_pairs  # both files' dev pairs, pooled
+    zsre, facts = calibration = key_map.info["calibration"]
+    assert (zsre["data"], facts["data"]) == ("zsre", "counterfact")
+    # the map keeps the stricter of the two files' thresholds; each file's rates are at it
+    assert key_map.threshold == min(zsre["own_threshold"], facts["own_threshold"]) > 0
+    for cal in calibration:
+        assert cal["threshold"] == key_map.threshold <= cal["own_threshold"]
+        assert cal["split"] == "dev" and cal["keys"] > 50
+        assert cal["hard_negative_routed"] <= 0.01 and cal["unrelated_routed"] <= 0.01
     router = RouterConfig(key_map=str(out))  # the threshold comes with the map
-    assert router.threshold == calibration["threshold"]
+    assert router.threshold == key_map.threshold
     code, result = _cli(capsys, "fit-metric", "--model", tiny_model("llama"), "--data", FACTS,
                         "--pairs", tmp_path / "pairs.jsonl", "--out", out)
     assert code == 2 and "exactly one of --data" in result["error"]
@@ -292,4 +299,5 @@ def test_the_shipped_configuration_fits_the_default_model(default_model_path):
     key_map.check_fits(model_fingerprint(default_model_path), 576, shape.key_pool,
                        shape.route_layer)
     assert config.router.threshold == key_map.threshold
-    assert key_map.info["calibration"]["split"] == "dev"  # chosen without test data
+    # fitted and calibrated without test data
+    assert all(cal["split"] == "dev" for cal in key_map.info["calibration"])

@@ -1,30 +1,35 @@
 """`sola-vllm fit-metric`: fit a key map (`key_map.KeyMap`) for a model and its keys, and
 calibrate the routing threshold that goes with it, on dev data only.
 
-    sola-vllm fit-metric --config pooled.json --data ../shared/data/rome_known_1000.json \
-        --calibrate ../shared/data/zsre_mend_eval_1000.json --out map.safetensors
+    sola-vllm fit-metric --config pooled.json \
+        --data ../shared/data/rome_known_1000.json ../shared/data/zsre_mend_eval_1000.json \
+        --calibrate ../shared/data/rome_known_1000.json ../shared/data/zsre_mend_eval_1000.json \
+        --out map.safetensors
 
 Fitting: (prompt, paraphrase) pairs, each prompt's key read as the engine reads keys (the
-config's `edit.key_pool` and `edit.route_layer`), from `--data`'s dev split (a zsRE or
-CounterFact-style file, see `eval.data`) or from `--pairs` (JSON lines
-`{"prompt", "paraphrase", "group"?}`; pairs of one group are never each other's negatives).
-The map is fitted contrastively (`metric_study.fit_linear_metric`).
+config's `edit.key_pool` and `edit.route_layer`), from the dev splits of one or more
+benchmark files (`--data`: zsRE or CounterFact-style, see `eval.data`; their pairs pooled) or
+from `--pairs` (JSON lines `{"prompt", "paraphrase", "group"?}`; pairs of one group are never
+each other's negatives). The map is fitted contrastively (`metric_study.fit_linear_metric`).
 
-Calibration (`--calibrate`, a benchmark file; its dev split): the records of the first half
-of its subjects (file order) become keys, the other half's prompts are hard negatives (same
-style, other subjects) and every dev locality prompt an unrelated negative. The threshold is
-the largest that keeps `--keep` of each negative group unrouted (each group separately, so
-easy unrelated prompts cannot hide hard false fires); the report gives the keyed records'
-paraphrase hit rate at it (routed to a key of its own subject). Both land in the map file's
-metadata.
+Calibration (`--calibrate`, one or more benchmark files; their dev splits), per file: the
+records of the first half of its subjects (file order) become keys, the other half's prompts
+are hard negatives (same style, other subjects) and every dev locality prompt an unrelated
+negative. A file's threshold is the largest that keeps `--keep` of each negative group
+unrouted (each group separately, so easy unrelated prompts cannot hide hard false fires); the
+map's threshold is the smallest over the files. The report gives, per file, the keyed
+records' paraphrase hit rate at the map's threshold (routed to a key of its own subject).
+Both land in the map file's metadata (`calibration`: one entry per file).
 """
 
 from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
 
 from ..key_map import KeyMap
@@ -67,12 +72,15 @@ def load_pairs(path: Path) -> list[tuple[str, str, str]]:
     return pairs
 
 
-def dataset_pairs(path: Path) -> list[tuple[str, str, str]]:
-    """The dev split's (prompt, first paraphrase, subject) of a benchmark file."""
-    cases = [c for c in load(path).split("dev") if c.paraphrases]
-    if len(cases) < 2:
-        raise DataError(f"{path}: its dev split has {len(cases)} records with a paraphrase")
-    return [(c.prompt, c.paraphrases[0], c.subject.lower()) for c in cases]
+def dataset_pairs(*paths: Path) -> list[tuple[str, str, str]]:
+    """The dev splits' (prompt, first paraphrase, subject) of benchmark files, pooled."""
+    pairs = []
+    for path in paths:
+        cases = [c for c in load(path).split("dev") if c.paraphrases]
+        if len(cases) < 2:
+            raise DataError(f"{path}: its dev split has {len(cases)} records with a paraphrase")
+        pairs += [(c.prompt, c.paraphrases[0], c.subject.lower()) for c in cases]
+    return pairs
 
 
 def fit(engine, pairs: list[tuple[str, str, str]], cfg: FitConfig) -> KeyMap:
@@ -86,61 +94,94 @@ def fit(engine, pairs: list[tuple[str, str, str]], cfg: FitConfig) -> KeyMap:
     return KeyMap(fitted.mean, fitted.scale, fitted.proj, info)
 
 
-def calibrate(engine, key_map: KeyMap, path: Path, keep: float, metric: str) -> dict:
-    """The threshold for `key_map` on `path`'s dev split (see the module docstring)."""
+def calibrate(engine, key_map: KeyMap, paths: list[Path], keep: float,
+              metric: str) -> list[dict]:
+    """The map's threshold on the files' dev splits (see the module docstring): one entry per
+    file, each with the file's own threshold and its rates at the map's (the smallest)."""
     if metric != "cosine":
         raise ValueError("fit-metric calibrates cosine distances (router.metric 'cosine')")
-    data = load(path)
-    cases = [c for c in data.split("dev") if c.paraphrases]
-    subjects = list(dict.fromkeys(c.subject.lower() for c in cases))
-    if len(subjects) < 4:
-        raise DataError(f"{path}: its dev split has {len(subjects)} subjects; calibrating "
-                        "needs 4")
-    keyed_subjects = set(subjects[:len(subjects) // 2])
-    keyed = [c for c in cases if c.subject.lower() in keyed_subjects]
-    held_out = [c for c in cases if c.subject.lower() not in keyed_subjects]
+    measured = [DevDistances.measure(engine, key_map, path) for path in paths]
+    own = [m.threshold(keep) for m in measured]
+    return [m.report(min(own), own_threshold, keep)
+            for m, own_threshold in zip(measured, own, strict=True)]
 
-    def units(texts):
-        return F.normalize(key_map(engine.key_queries(texts)), dim=-1)
 
-    keys = units([c.prompt for c in keyed])
-    key_subject = [c.subject.lower() for c in keyed]
+@dataclass
+class DevDistances:
+    """Nearest-key distances on one benchmark's dev split: half its subjects' prompts are the
+    keys; their paraphrases (`hit`: the nearest key is of its own subject), the other half's
+    prompts (hard negatives) and the locality prompts (unrelated) are the queries."""
+    data: str
+    path: Path
+    keys: int
+    paraphrase: torch.Tensor
+    own_subject: list[bool]
+    hard: torch.Tensor
+    unrelated: torch.Tensor
 
-    def nearest(texts):
-        best = (1 - units(texts) @ keys.T).min(dim=1)
-        return best.values, best.indices.tolist()
+    @classmethod
+    def measure(cls, engine, key_map: KeyMap, path: Path) -> DevDistances:
+        data = load(path)
+        cases = [c for c in data.split("dev") if c.paraphrases]
+        subjects = list(dict.fromkeys(c.subject.lower() for c in cases))
+        if len(subjects) < 4:
+            raise DataError(f"{path}: its dev split has {len(subjects)} subjects; calibrating "
+                            "needs 4")
+        keyed_subjects = set(subjects[:len(subjects) // 2])
+        keyed = [c for c in cases if c.subject.lower() in keyed_subjects]
+        held_out = [c for c in cases if c.subject.lower() not in keyed_subjects]
 
-    hard, _ = nearest([c.prompt for c in held_out])
-    unrelated, _ = nearest([c.locality[0] for c in cases if c.locality])
-    threshold = min(suggest_threshold(hard.tolist(), keep),
-                    suggest_threshold(unrelated.tolist(), keep) if len(unrelated) else 2.0)
-    dist, index = nearest([c.paraphrases[0] for c in keyed])
-    # a paraphrase hits when it routes to a key of its own subject (records of one subject
-    # are keys side by side; which of them answers is the conflict the eval reports)
-    hit = [d < threshold and key_subject[i] == c.subject.lower()
-           for d, i, c in zip(dist.tolist(), index, keyed, strict=True)]
-    return {"threshold": threshold, "keep": keep, "data": data.name, "split": "dev",
-            "keys": len(keyed), "hard_negatives": len(held_out),
-            "unrelated_negatives": int(len(unrelated)),
-            "paraphrase_hit": sum(hit) / len(hit),
-            "hard_negative_routed": float((hard < threshold).float().mean()),
-            "unrelated_routed": float((unrelated < threshold).float().mean())}
+        def units(texts):
+            return F.normalize(key_map(engine.key_queries(texts)), dim=-1)
+
+        keys = units([c.prompt for c in keyed])
+
+        def nearest(texts):
+            if not texts:
+                return torch.empty(0), []
+            best = (1 - units(texts) @ keys.T).min(dim=1)
+            return best.values, best.indices.tolist()
+
+        paraphrase, index = nearest([c.paraphrases[0] for c in keyed])
+        # a paraphrase hits when it routes to a key of its own subject (records of one subject
+        # are keys side by side; which of them answers is the conflict the eval reports)
+        own_subject = [keyed[i].subject.lower() == c.subject.lower()
+                       for i, c in zip(index, keyed, strict=True)]
+        return cls(data.name, path, len(keyed), paraphrase, own_subject,
+                   nearest([c.prompt for c in held_out])[0],
+                   nearest([c.locality[0] for c in cases if c.locality])[0])
+
+    def threshold(self, keep: float) -> float:
+        """The largest threshold that keeps `keep` of each negative group unrouted."""
+        return min(suggest_threshold(self.hard.tolist(), keep),
+                   suggest_threshold(self.unrelated.tolist(), keep) if len(self.unrelated)
+                   else 2.0)
+
+    def report(self, threshold: float, own_threshold: float, keep: float) -> dict:
+        hit = (self.paraphrase < threshold) & torch.tensor(self.own_subject)
+        return {"threshold": threshold, "own_threshold": own_threshold, "keep": keep,
+                "data": self.data, "path": str(self.path), "split": "dev", "keys": self.keys,
+                "hard_negatives": len(self.hard), "unrelated_negatives": len(self.unrelated),
+                "paraphrase_hit": float(hit.float().mean()),
+                "hard_negative_routed": float((self.hard < threshold).float().mean()),
+                "unrelated_routed": float((self.unrelated < threshold).float().mean())}
 
 
 def fit_metric_command(args, open_engine, load_config) -> dict:
     if (args.data is None) == (args.pairs is None):
-        raise ValueError("give exactly one of --data (a benchmark file) or --pairs (JSON lines)")
+        raise ValueError("give exactly one of --data (benchmark files) or --pairs (JSON lines)")
     check_keep(args.keep)
     config = load_config(args.config)
     engine = open_engine(args.model, config, progress=not args.json)
-    pairs = dataset_pairs(args.data) if args.data else load_pairs(args.pairs)
+    pairs = dataset_pairs(*args.data) if args.data else load_pairs(args.pairs)
     random.Random(args.seed).shuffle(pairs)
     key_map = fit(engine, pairs, FitConfig(dim=args.dim, seed=args.seed, steps=args.steps))
-    key_map.info["fit"]["data"] = str(args.data or args.pairs)
-    if args.calibrate is not None:
-        key_map.info["calibration"] = calibrate(engine, key_map, args.calibrate, args.keep,
-                                                config.router.metric)
-        key_map.info["threshold"] = key_map.info["calibration"]["threshold"]
+    key_map.info["fit"]["data"] = [str(p) for p in args.data] if args.data else str(args.pairs)
+    if args.calibrate:
+        calibration = calibrate(engine, key_map, args.calibrate, args.keep,
+                                config.router.metric)
+        key_map.info["calibration"] = calibration
+        key_map.info["threshold"] = calibration[0]["threshold"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     key_map.save(args.out)
     return {"out": str(args.out), "fingerprint": key_map.fingerprint(), "dim": key_map.out_dim,
