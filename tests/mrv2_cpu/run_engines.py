@@ -5,10 +5,12 @@ own (the Triton switch of `sitecustomize.py` beside this file is process-wide).
 
 SPEC: {"edits": [paths of Edit.to_bytes() files], "max_tokens": n, "engines": [{"name": str,
 "plugin": bool, "options": {LLM kwargs}, "steps": [{"generate": [prompts]} | {"revoke": id} |
-{"restore": id} | {"stats": true}]}]}. OUT: {"runner": {name: [runner class, model state
-class]}, "results": {name: [one result per step]}}; engines are built one after another."""
+{"restore": id} | {"stats": true}], "env"?: {variables set before it is built}}]}.
+OUT: {"runner": {name: [runner class, model state class]}, "results": {name: [one result per
+step]}}; engines are built one after another."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -55,7 +57,11 @@ def main(spec_path: str, out_path: str) -> None:
     edits = [Edit.from_bytes(Path(p).read_bytes()) for p in spec["edits"]]
     out = {"runner": {}, "results": {}}
     for engine in spec["engines"]:
+        saved = dict(os.environ)
+        os.environ.update(engine.get("env", {}))  # read by vLLM when the engine is built
         llm, vllm_llm = build(engine, edits)
+        os.environ.clear()
+        os.environ.update(saved)
         try:
             out["runner"][engine["name"]] = vllm_llm.collective_rpc(runner_info)[0]
             out["results"][engine["name"]] = [run_step(llm, vllm_llm, s, spec["max_tokens"])
