@@ -109,8 +109,9 @@ def calibrate(engine, key_map: KeyMap, paths: list[Path], keep: float,
 @dataclass
 class DevDistances:
     """Nearest-key distances on one benchmark's dev split: half its subjects' prompts are the
-    keys; their paraphrases (`hit`: the nearest key is of its own subject), the other half's
-    prompts (hard negatives) and the locality prompts (unrelated) are the queries."""
+    keys; their paraphrases (`own_subject`: whether the nearest key is of the paraphrase's
+    own subject), the other half's prompts (hard negatives) and the locality prompts
+    (unrelated) are the queries."""
     data: str
     path: Path
     keys: int
