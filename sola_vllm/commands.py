@@ -473,8 +473,10 @@ def fit_metric(args) -> dict:
              f"layer {result['route_layer']}, {result['dim']} dimensions, "
              f"fitted on {result['fit']['pairs']} pairs)"]
     for cal in result.get("calibration", []):
+        fitted = ", optimistic: its pairs fitted the map" if cal["fitted_on"] else ""
         lines.append(f"threshold {cal['threshold']:.4g} on {cal['data']} dev (its own "
-                     f"{cal['own_threshold']:.4g}): paraphrase hit {cal['paraphrase_hit']:.3f}, "
+                     f"{cal['own_threshold']:.4g}{fitted}): paraphrase hit "
+                     f"{cal['paraphrase_hit']:.3f}, "
                      f"hard negatives routed {cal['hard_negative_routed']:.3f}, unrelated "
                      f"routed {cal['unrelated_routed']:.3f} ({cal['keys']} keys)")
     return {**result, "text": "\n".join(lines)}

@@ -278,11 +278,19 @@ def test_fit_metric_writes_a_map_calibrated_on_dev_data(capsys, tmp_path):
     # the map keeps the stricter of the two files' thresholds; each file's rates are at it
     assert key_map.threshold == min(zsre["own_threshold"], facts["own_threshold"]) > 0
     for cal in calibration:
+        assert cal["fitted_on"]  # both files' dev pairs fitted the map
         assert cal["threshold"] == key_map.threshold <= cal["own_threshold"]
         assert cal["split"] == "dev" and cal["keys"] > 50
         assert cal["hard_negative_routed"] <= 0.01 and cal["unrelated_routed"] <= 0.01
     router = RouterConfig(key_map=str(out))  # the threshold comes with the map
     assert router.threshold == key_map.threshold
+    code, result = _cli(capsys, "fit-metric", "--model", tiny_model("llama"), "--config", config,
+                        "--data", FACTS, "--calibrate", ZSRE, FACTS, "--dim", 4, "--steps", 1,
+                        "--out", tmp_path / "facts.safetensors")
+    assert code == 0, result
+    assert [cal["fitted_on"] for cal in result["calibration"]] == [False, True]
+    assert "optimistic" not in result["text"].splitlines()[1]
+    assert "optimistic: its pairs fitted the map" in result["text"].splitlines()[2]
     code, result = _cli(capsys, "fit-metric", "--model", tiny_model("llama"), "--data", FACTS,
                         "--pairs", tmp_path / "pairs.jsonl", "--out", out)
     assert code == 2 and "exactly one of --data" in result["error"]

@@ -18,8 +18,10 @@ are hard negatives (same style, other subjects) and every dev locality prompt an
 negative. A file's threshold is the largest that keeps `--keep` of each negative group
 unrouted (each group separately, so easy unrelated prompts cannot hide hard false fires); the
 map's threshold is the smallest over the files. The report gives, per file, the keyed
-records' paraphrase hit rate at the map's threshold (routed to a key of its own subject).
-Both land in the map file's metadata (`calibration`: one entry per file).
+records' paraphrase hit rate at the map's threshold (routed to a key of its own subject), and
+whether the file's dev pairs also fitted the map (`fitted_on`: its own threshold then reads
+optimistic, so calibrate on another file too). Both land in the map file's metadata
+(`calibration`: one entry per file).
 """
 
 from __future__ import annotations
@@ -181,6 +183,9 @@ def fit_metric_command(args, open_engine, load_config) -> dict:
     if args.calibrate:
         calibration = calibrate(engine, key_map, args.calibrate, args.keep,
                                 config.router.metric)
+        fitted = {p.resolve() for p in args.data or ()}
+        for entry in calibration:  # its dev pairs fitted the map: its own threshold is optimistic
+            entry["fitted_on"] = Path(entry["path"]).resolve() in fitted
         key_map.info["calibration"] = calibration
         key_map.info["threshold"] = calibration[0]["threshold"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
