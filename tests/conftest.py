@@ -31,9 +31,21 @@ def default_engine(default_model_path):
     return RoutedEngine.from_pretrained(default_model_path)
 
 
+def _remove_every_edit(engine):
+    for edit_id in list(engine.edits):
+        engine.remove(edit_id)
+
+
 @pytest.fixture
 def fresh_edits(default_engine):
     """Yields the shared engine and removes every edit a test added, even on failure."""
     yield default_engine
-    for edit_id in list(default_engine.edits):
-        default_engine.remove(edit_id)
+    _remove_every_edit(default_engine)
+
+
+@pytest.fixture
+def clean(engine):
+    """Yields the test module's own `engine` fixture and removes every edit a test added, even
+    on failure."""
+    yield engine
+    _remove_every_edit(engine)

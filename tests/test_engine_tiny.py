@@ -28,13 +28,6 @@ def trained(engine):
     return engine.train([PROMPT], TARGET, edit_id="secret")
 
 
-@pytest.fixture
-def clean(engine):
-    yield engine
-    for edit_id in list(engine.edits):
-        engine.remove(edit_id)
-
-
 def test_edit_generates_the_whole_target_because_decode_keeps_the_route(clean, trained):
     engine = clean
     assert trained.train_info["fit"], trained.train_info

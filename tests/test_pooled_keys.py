@@ -150,13 +150,6 @@ def trained(engine):
     return engine.train([PROMPT], TARGET, edit_id="secret")
 
 
-@pytest.fixture
-def clean(engine):
-    yield engine
-    for edit_id in list(engine.edits):
-        engine.remove(edit_id)
-
-
 def _route_layer_states(engine, prompt):
     ids = torch.tensor([engine.encode(prompt)])
     return residuals_at(engine, [1], ids, torch.ones_like(ids),
