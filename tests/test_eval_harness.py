@@ -1,5 +1,6 @@
 """The evaluation harness end to end on the real default model, a few zsRE edits."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -65,6 +66,38 @@ def test_a_rerun_resumes_without_training_or_generating_again(first_run):
         assert _method(again, name)["rollback"] == _method(report, name)["rollback"]
 
 
+@needs_data
+def test_threshold_keep_calibrates_the_sola_threshold_on_its_store(first_run):
+    """--threshold-keep 1.0: sola's threshold is the nearest distance of any dev negative to the
+    store's keys; sola-paper keeps the paper's."""
+    from sola_vllm.engine import RoutedEngine
+    from sola_vllm.eval.data import load
+    from sola_vllm.eval.report import render_markdown
+    from sola_vllm.eval.store_threshold import StoreNegatives
+    from sola_vllm.store import EditStore
+
+    cfg, _ = first_run
+    cfg = dataclasses.replace(cfg, threshold_keep=1.0, methods=("sola",), checkpoints=(3,))
+    report = run(cfg)
+    sola = _method(report, "sola")
+    calibration = sola["router"]["calibration"]
+    assert sola["router"]["threshold"] == calibration["threshold"]
+    assert calibration["keys"] == 3 and calibration["split"] == "dev"
+    stream = load(DATA).stream("test")[:3]
+    negatives = StoreNegatives.of(load(DATA), stream, "test")
+    engine = RoutedEngine.from_pretrained(cfg.model, cfg.config)
+    method = build_methods(["sola"], cfg.config)[0]
+    engine.add_all(EditStore(edits_dir(cfg, method)).all())
+    nearest = [r.distance for r in engine.nearest(negatives.hard + negatives.unrelated)]
+    assert calibration["threshold"] == min(nearest)
+    assert calibration["negatives"] == {"hard": len(negatives.hard),
+                                        "unrelated": len(negatives.unrelated)}
+    assert sola["checkpoints"][-1]["routing"]["false_fire"] == 0.0
+    assert "calibrated on its store (3 keys" in render_markdown(report)
+    paper = build_methods(["sola-paper"], cfg.config)[0]
+    assert paper.config.router.threshold == 0.01 and paper.calibration is None
+
+
 def test_outcome_cache_survives_a_torn_last_line(tmp_path):
     path = tmp_path / "outcomes.jsonl"
     cache = Outcomes(path)
@@ -97,6 +130,7 @@ def test_cli_quick_run_writes_the_report(tmp_path, capsys, default_model_path):
     (["--methods", "base,nope"], "unknown method"),
     (["--checkpoints", "1,x"], "comma-separated ints"),
     (["--edits", "0"], "edits must be a positive int"),
+    (["--threshold-keep", "0"], "--threshold-keep must be in (0, 1]"),
 ])
 def test_cli_bad_options_exit_2(tmp_path, capsys, args, message):
     code = main(["eval", "--data", str(DATA), "--out", str(tmp_path), "--json", *args])

@@ -28,6 +28,10 @@ def add_parser(sub, add_model, add_json) -> None:
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated, from {','.join(METHODS)}")
     p.add_argument("--checkpoints", default="1,10,100,1000", help="values of T")
+    p.add_argument("--threshold-keep", type=float, default=None, metavar="KEEP",
+                   help="calibrate the sola method's threshold on the evaluated store: the "
+                        "largest that keeps KEEP of the other split's prompts (and of its "
+                        "locality prompts) unrouted; no reported record is read for it")
     p.add_argument("--quick", action="store_true",
                    help=f"a CI-sized run: {QUICK['edits']} edits, T = 1, 3, 6")
     add_model(p)
@@ -43,7 +47,8 @@ def eval_command(args, load_config) -> dict:
     cfg = EvalConfig(data=args.data, engine=args.engine, out=args.out, split=args.split,
                      view=args.view,
                      methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-                     model=args.model, config=load_config(args.config), **options)
+                     model=args.model, config=load_config(args.config),
+                     threshold_keep=args.threshold_keep, **options)
     progress = None if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
     report = run(cfg, progress)
     report["meta"]["quick"] = bool(args.quick)

@@ -31,6 +31,7 @@ JOINT_BATCH, JOINT_LR, JOINT_MIN_STEPS = 16, 5e-3, 60  # lora-all: tuned to fit 
 TRAIN_CHUNK = 16  # edits trained per pass (sola_vllm.train_many)
 HARD_PROBES = 500  # later edits' prompts probed for hard false fires at each checkpoint
 VIEWS = ("full", "one_per_subject")
+CALIBRATED_METHOD = "sola"  # --threshold-keep sets its threshold; sola-paper keeps the paper's
 
 
 @dataclass(slots=True)
@@ -48,6 +49,7 @@ class EvalConfig:
     loc_tokens: int = 12  # greedy tokens compared for locality
     joint_epochs: int = 8  # lora-all
     seed: int = 0  # which half is revoked in the rollback test
+    threshold_keep: float | None = None  # sola's threshold from the store (store_threshold)
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -59,6 +61,8 @@ class EvalConfig:
         if not self.checkpoints or min(self.checkpoints) < 1:
             raise ValueError(f"checkpoints must be positive ints, got {self.checkpoints!r}")
         build_methods(list(self.methods), self.config)  # validates the names
+        if self.threshold_keep is not None and not 0.0 < self.threshold_keep <= 1.0:
+            raise ValueError(f"--threshold-keep must be in (0, 1], got {self.threshold_keep!r}")
 
 
 def edit_stream(cfg: EvalConfig):
@@ -82,6 +86,8 @@ def run(cfg: EvalConfig, progress=None) -> dict:
     results = []
     try:
         for method in build_methods(list(cfg.methods), cfg.config):
+            if cfg.threshold_keep is not None and method.name == CALIBRATED_METHOD:
+                method = calibrated(cfg, method, data, stream, progress)
             say(progress, f"method {method.name}: {method.description}")
             if cfg.engine == "vllm":
                 from .vllm_engine import evaluate_method_vllm
@@ -106,6 +112,30 @@ def run(cfg: EvalConfig, progress=None) -> dict:
         "config": cfg.config.to_dict(),
     }
     return {"meta": meta, "methods": results}
+
+
+def calibrated(cfg: EvalConfig, method: Method, data, stream: list[EditCase],
+               progress) -> Method:
+    """`method` with its threshold calibrated on its own store of `stream`
+    (`store_threshold`: the other split's prompts, `cfg.threshold_keep` of them unrouted); its
+    edits are trained first where missing."""
+    from ..engine import RoutedEngine
+    from .store_threshold import store_threshold
+
+    engine = RoutedEngine.from_pretrained(cfg.model, method.config)
+    try:
+        engine.add_all(train_edits(engine, method, stream, edits_dir(cfg, method), progress))
+        found = store_threshold(engine, data, stream, cfg.split, cfg.threshold_keep)
+    finally:
+        del engine
+    say(progress, f"  threshold {found['threshold']:.4g}, calibrated on the store's "
+                  f"{found['keys']} {cfg.split} keys against {found['negatives']} "
+                  f"{found['split']} negatives (keep {cfg.threshold_keep})")
+    config = method.config
+    router = dataclasses.replace(config.router, threshold=found["threshold"])
+    (rebuilt,) = build_methods([method.name], SolaConfig(edit=config.edit, router=router,
+                                                         train=config.train))
+    return dataclasses.replace(rebuilt, calibration=found)
 
 
 def say(progress, message: str) -> None:

@@ -24,6 +24,7 @@ class Method:
     kind: str  # "base" | "routed" (one LoRA per edit, nearest-key routing) | "joint"
     description: str
     config: SolaConfig
+    calibration: dict | None = None  # where its threshold came from (harness.calibrated)
 
 
 def paper_config(base: SolaConfig) -> SolaConfig:
@@ -75,4 +76,5 @@ def router_summary(method: Method) -> dict:
             "keys": (f"{edit.key_pool}-token" if edit.key_pool == "last"
                      else f"{edit.key_pool}-pooled") if routed else None,
             "route_layer": edit.route_layer if routed else None,
-            "key_map": router.key_map if routed else None}
+            "key_map": router.key_map if routed else None,
+            "calibration": method.calibration if routed else None}

@@ -200,6 +200,23 @@ def routing_table(report: dict) -> str | None:
     return _table(header, rows, text_cols=2, text_tail=2) if rows else None
 
 
+def calibration_notes(report: dict) -> list[str]:
+    """One sentence per method whose threshold was calibrated on its store
+    (`eval --threshold-keep`): what it read and what it kept unrouted."""
+    notes = []
+    for m in report["methods"]:
+        c = (m.get("router") or {}).get("calibration")
+        if not c:
+            continue
+        groups = ", ".join(f"{n} {name} ({fmt(c['routed'].get(name))} routed)"
+                           for name, n in c["negatives"].items() if n)
+        notes.append(f"{m['name']}: threshold {c['threshold']:.4g} calibrated on its store "
+                     f"({c['keys']} keys of the reported split) so that {c['keep']} of each "
+                     f"group of the {c['split']} split's negatives stays unrouted: {groups}. "
+                     "No reported record's paraphrase or locality prompt was read for it.")
+    return notes
+
+
 def meta_block(report: dict) -> str:
     """A short bullet list: what was evaluated, on what, by which command."""
     meta = report.get("meta", {})
@@ -237,7 +254,7 @@ def render_markdown(report: dict) -> str:
     if (rollback := rollback_table(report)) is not None:
         parts += ["## Rollback", rollback]
     if (routing := routing_table(report)) is not None:
-        parts += ["## Routing", routing]
+        parts += ["## Routing", routing, *calibration_notes(report)]
     parts += ["## Definitions", DEFINITIONS.rstrip()]
     return "\n\n".join(parts) + "\n"
 
