@@ -20,6 +20,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without an installed sola_v
 
 from sola_vllm.eval.report import (  # noqa: E402
     DEFINITIONS,
+    calibration_notes,
     checkpoint_ts,
     comparison_table,
     meta_block,
@@ -39,9 +40,10 @@ def _shown(path: Path) -> str:
 
 
 def render(report: dict, report_path: Path, command: str,
-           engines: list[tuple[Path, dict]] = ()) -> str:
+           engines: list[tuple[Path, dict]] = (), variants: list[tuple[Path, dict]] = ()) -> str:
     """The generated page: provenance header, meta, comparison, retention, the same data on other
-    engines (`engines`: reports of the same stream run with `--engine vllm`), definitions."""
+    engines (`engines`: reports of the same stream run with `--engine vllm`) and under other
+    thresholds (`variants`: e.g. `--threshold-keep` runs), definitions."""
     ts = checkpoint_ts(report)
     if not ts:
         raise ValueError(f"{report_path}: the report has no checkpoints")
@@ -59,8 +61,11 @@ def render(report: dict, report_path: Path, command: str,
                          ("Routing", routing_table(report))):
         if table:
             parts += [f"## {title}", table]
+    parts += calibration_notes(report)
     for path, other in engines:
         parts += engine_section(report, path, other)
+    for path, other in variants:
+        parts += variant_section(report, path, other)
     parts += [
         "## Definitions",
         DEFINITIONS.rstrip(),
@@ -80,6 +85,19 @@ def engine_section(report: dict, path: Path, other: dict) -> list[str]:
              "forcing).", comparison_table(other, t)]
     rollback = rollback_table(other)
     return parts + ([rollback] if rollback else [])
+
+
+def variant_section(report: dict, path: Path, other: dict) -> list[str]:
+    """The same stream and engine under another threshold: its routed methods' thresholds (and
+    how they were calibrated), comparison, rollback and routing at its largest T."""
+    same_stream(report, path, other)
+    meta, t = other["meta"], checkpoint_ts(other)[-1]
+    thresholds = ", ".join(f"{m['name']} {m['router']['threshold']:.4g}"
+                           for m in other["methods"] if (m.get("router") or {}).get("threshold"))
+    parts = [f"## Threshold {thresholds}",
+             f"`{meta.get('command')}` ({_shown(path)}; took {meta.get('seconds', 0):.0f} s).",
+             *calibration_notes(other), comparison_table(other, t)]
+    return parts + [table for table in (rollback_table(other), routing_table(other)) if table]
 
 
 def same_stream(report: dict, path: Path, other: dict) -> None:
@@ -115,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", type=Path, action="append", default=[],
                         help="a report.json of the same stream on another engine, shown in its "
                              "own section (repeatable)")
+    parser.add_argument("--variant", type=Path, action="append", default=[],
+                        help="a report.json of the same stream and engine under another "
+                             "threshold (eval --threshold-keep), in its own section (repeatable)")
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     command = shlex.join(["python", "benchmarks/edit_quality.py", *argv])
@@ -122,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         report = json.loads(args.report.read_text(encoding="utf-8"))
         others = [(p, json.loads(p.read_text(encoding="utf-8"))) for p in args.also]
         engines = [(p, json.loads(p.read_text(encoding="utf-8"))) for p in args.engine]
-        text = render(merge(report, others), args.report, command, engines)
+        variants = [(p, json.loads(p.read_text(encoding="utf-8"))) for p in args.variant]
+        text = render(merge(report, others), args.report, command, engines, variants)
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

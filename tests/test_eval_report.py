@@ -253,3 +253,33 @@ def test_benchmark_script_adds_a_section_per_engine_and_refuses_another_stream(r
     assert _benchmark_module().main([str(main_path), "--engine", str(vllm_path),
                                      "--out", str(tmp_path / "other.md")]) == 2
     assert not (tmp_path / "other.md").exists()
+
+
+def test_benchmark_script_adds_a_section_per_threshold_with_its_calibration(report, tmp_path):
+    main_path, variant_path = tmp_path / "report.json", tmp_path / "store.json"
+    main_path.write_text(json.dumps(report))
+    calibrated = copy.deepcopy(report)
+    calibrated["meta"]["command"] = "sola-vllm eval --threshold-keep 0.99"
+    sola = calibrated["methods"][1]
+    sola["router"].update(threshold=0.2125, calibration={
+        "threshold": 0.2125, "keep": 0.99, "split": "dev", "keys": 755,
+        "negatives": {"hard": 243, "unrelated": 0}, "group_thresholds": {"hard": 0.2125},
+        "routed": {"hard": 0.0082, "unrelated": None}})
+    sola["checkpoints"][-1]["generality_em"] = 0.4242
+    variant_path.write_text(json.dumps(calibrated))
+    out = tmp_path / "edit_quality.md"
+    assert _benchmark_module().main([str(main_path), "--variant", str(variant_path),
+                                     "--out", str(out)]) == 0
+    md = out.read_text()
+    section = _section(md, "Threshold sola 0.2125")
+    assert "`sola-vllm eval --threshold-keep 0.99`" in section
+    # the calibration sentence names the store's keys and each non-empty negative group
+    assert "calibrated on its store (755 keys" in section and "243 hard (0.008 routed)" in section
+    assert "unrelated" not in section.split("calibrated", 1)[1].split("\n")[0]
+    assert rp.comparison_table(calibrated, 100) in section and "0.424" in section
+    assert "calibrated on its store" not in md.split("## Threshold")[0]  # the main run is not
+
+    calibrated["meta"]["view"] = "one_per_subject"
+    variant_path.write_text(json.dumps(calibrated))
+    assert _benchmark_module().main([str(main_path), "--variant", str(variant_path),
+                                     "--out", str(tmp_path / "other.md")]) == 2
