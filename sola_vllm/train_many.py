@@ -25,7 +25,6 @@ from .train import (
     _init_lora,
     _optimizer,
     _schedule,
-    _step,
     _training_batch,
     keys_and_h0,
     upper_layers_only,
@@ -112,25 +111,40 @@ def _fit_many(engine, batch, rows_of, loras, config: TrainConfig) -> list[dict]:
                 logits = lm_head(hidden[batch["label_rows"], batch["label_cols"]]).float()
                 token_loss = nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
                 hits = logits.argmax(-1) == batch["labels"]
-                losses, still = [], []
+                losses, still, left = [], [], []
                 for i in live:
                     mine = label_owner == i
                     loss, fit = token_loss[mine].mean(), bool(hits[mine].all())
                     infos[i].update(steps=step, loss=loss.item(), fit=fit)
                     if step == config.steps or (fit and loss.item() < config.stop_loss):
-                        continue  # done: leaves the plan, its weights stop here
+                        left.append(i)  # done: leaves the plan, its weights stop here
+                        continue
                     losses.append(loss)
                     still.append(i)
                 live = still
                 if not live:
                     break
-                _step(opt, schedule, torch.stack(losses).sum())
+                _step_live(opt, schedule, torch.stack(losses).sum(),
+                           [t for i in left for pair in loras[i].values() for t in pair])
     finally:
         engine.ctx.plan = []
         for module in engine.modules.values():
             for i in range(len(loras)):
                 module.drop_adapter(_adapter(i))
     return infos
+
+
+def _step_live(opt, schedule, loss: torch.Tensor, left: list[torch.Tensor]) -> None:
+    """`train._step` for the live edits only. An edit that left at this step was still in its
+    forward, so its LoRA gets an exact-zero gradient rather than none, and Adam (or momentum)
+    would move it one more step on its running averages: its gradients are dropped first."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for t in left:
+        t.grad = None
+    opt.step()
+    if schedule is not None:
+        schedule.step()
 
 
 def _label_owner(batch, rows_of) -> torch.Tensor:

@@ -24,6 +24,8 @@ def test_batched_training_matches_one_edit_at_a_time(fresh_edits, config):
     alone = [engine.train(list(r.prompts), r.target, edit_id=r.edit_id, config=config)
              for r in REQUESTS]
     together = train_edits(engine, REQUESTS, config, chunk=2)  # a chunk boundary inside
+    if config.stop_loss:  # the edits of a chunk stop at different steps
+        assert alone[0].train_info["steps"] != alone[1].train_info["steps"]
     for a, b in zip(alone, together, strict=True):
         assert a.id == b.id and a.prompts == b.prompts and a.target == b.target
         assert b.train_info["steps"] == a.train_info["steps"]
@@ -33,10 +35,9 @@ def test_batched_training_matches_one_edit_at_a_time(fresh_edits, config):
         for name, (la, lb) in a.lora.items():
             delta_a, delta_b = lb @ la, b.lora[name][1] @ b.lora[name][0]  # [out, in]
             error = float((delta_b - delta_a).norm() / delta_a.norm())
-            # SGD follows the gradient, so batching only adds rounding. Adam divides by the
-            # gradient's magnitude, so near-zero elements that rounding flips move by a full
-            # step: the weights differ, the behaviour (checked below) does not.
-            assert error < (1e-4 if config.optimizer == "sgd" else 1.0), (a.id, name, error)
+            # batching only adds matmul rounding, also for an edit that fits (and leaves) while
+            # others train on: it gets no further step, not even Adam's from its momentum
+            assert error < 1e-2, (a.id, name, error)
     # no training adapter is left behind
     assert all(not m.adapters for m in engine.modules.values())
     assert engine.ctx.plan == []
