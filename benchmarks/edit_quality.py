@@ -94,7 +94,8 @@ def variant_section(report: dict, path: Path, other: dict) -> list[str]:
     meta, t = other["meta"], checkpoint_ts(other)[-1]
     thresholds = ", ".join(f"{m['name']} {m['router']['threshold']:.4g}"
                            for m in other["methods"] if (m.get("router") or {}).get("threshold"))
-    parts = [f"## Threshold {thresholds}",
+    calibrated = any((m.get("router") or {}).get("calibration") for m in other["methods"])
+    parts = [f"## Threshold {thresholds}" + (" (calibrated on the store)" if calibrated else ""),
              f"`{meta.get('command')}` ({_shown(path)}; took {meta.get('seconds', 0):.0f} s).",
              *calibration_notes(other), comparison_table(other, t)]
     return parts + [table for table in (rollback_table(other), routing_table(other)) if table]

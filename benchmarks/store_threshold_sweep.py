@@ -8,7 +8,7 @@ grid of thresholds, measures on the store as the eval holds it at its last check
 - test (reported split; shown, never used to choose): the share of paraphrases that route to an
   edit of their own subject (the router's ceiling on generality), and of locality prompts that
   route.
-It marks the threshold `eval --threshold-keep KEEP` picks and the key map's own one. Routing
+It marks the thresholds `eval --threshold-keep KEEP` picks and the key map's own one. Routing
 only (nearest keys); no token is generated.
 
     .venv/bin/python benchmarks/store_threshold_sweep.py \
@@ -41,7 +41,7 @@ GRID = [round(0.06 + 0.01 * i, 2) for i in range(25)]  # 0.06 .. 0.30
 
 
 def nearest(engine, prompts: list[str]) -> tuple[torch.Tensor, list[str | None]]:
-    routes = engine.nearest(prompts=prompts)
+    routes = engine.nearest(prompts=prompts) if prompts else []
     return (torch.tensor([r.distance for r in routes], dtype=torch.float64),
             [r.edit_id for r in routes])
 
@@ -53,7 +53,8 @@ def main() -> None:
     ap.add_argument("--config", default="smollm2-135m-instruct-mean-l6")
     ap.add_argument("--edits", type=int, default=1000)
     ap.add_argument("--view", choices=("full", "one_per_subject"), default="full")
-    ap.add_argument("--keep", type=float, default=0.999)
+    ap.add_argument("--keep", type=float, nargs="+", default=[0.999, 0.99],
+                    help="mark the threshold eval --threshold-keep picks for each")
     ap.add_argument("--out", type=Path, default=None, help="JSON (default: results/...)")
     args = ap.parse_args()
 
@@ -83,14 +84,18 @@ def main() -> None:
                         for to, (_, c) in zip(para_to, para, strict=True)])
     loc_d = nearest(engine, [p for c in reported for p in c.locality])[0]
 
-    picked = min(suggest_threshold(d.tolist(), args.keep) for d in dev.values() if len(d))
-    marks = {"eval --threshold-keep": picked, "key map": config.router.threshold}
+    marks = {f"--threshold-keep {keep}": min(suggest_threshold(d.tolist(), keep)
+                                             for d in dev.values() if len(d))
+             for keep in args.keep}
+    marks["key map"] = config.router.threshold
     rows = []
-    for tau in sorted(set(GRID) | set(marks.values())):
+    grid = [t for t in GRID if all(abs(t - m) > 5e-4 for m in marks.values())]
+    for tau in sorted(set(grid) | set(marks.values())):
         rows.append({"threshold": tau,
                      "mark": ", ".join(k for k, v in marks.items() if v == tau),
                      "dev_hard_routed": float((dev["hard"] < tau).float().mean()),
-                     "dev_unrelated_routed": float((dev["unrelated"] < tau).float().mean()),
+                     "dev_unrelated_routed": (float((dev["unrelated"] < tau).float().mean())
+                                              if len(dev["unrelated"]) else None),
                      "test_paraphrase_hit": float(((para_d < tau) & own).float().mean()),
                      "test_locality_routed": float((loc_d < tau).float().mean())})
     print(f"{data.name} ({args.view}): {len(stream)} edits, {len(reported)} {cfg.split} keys; "
@@ -99,7 +104,9 @@ def main() -> None:
     print(f"{'threshold':>9} {'dev hard':>9} {'dev unrel':>9} {'test para hit':>13} "
           f"{'test loc':>9}")
     for r in rows:
-        print(f"{r['threshold']:9.4f} {r['dev_hard_routed']:9.3f} {r['dev_unrelated_routed']:9.3f}"
+        unrelated = r["dev_unrelated_routed"]
+        print(f"{r['threshold']:9.4f} {r['dev_hard_routed']:9.3f} "
+              f"{'-' if unrelated is None else f'{unrelated:.3f}':>9}"
               f" {r['test_paraphrase_hit']:13.3f} {r['test_locality_routed']:9.3f}  {r['mark']}")
     out = args.out or ROOT / "benchmarks/results" / (
         f"store_threshold_sweep_{data.name}" + ("_one_per_subject" if args.view != "full"

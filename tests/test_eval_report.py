@@ -271,7 +271,7 @@ def test_benchmark_script_adds_a_section_per_threshold_with_its_calibration(repo
     assert _benchmark_module().main([str(main_path), "--variant", str(variant_path),
                                      "--out", str(out)]) == 0
     md = out.read_text()
-    section = _section(md, "Threshold sola 0.2125")
+    section = _section(md, "Threshold sola 0.2125 (calibrated on the store)")
     assert "`sola-vllm eval --threshold-keep 0.99`" in section
     # the calibration sentence names the store's keys and each non-empty negative group
     assert "calibrated on its store (755 keys" in section and "243 hard (0.008 routed)" in section
