@@ -117,7 +117,12 @@ class RouterConfig:
     CounterFact's; no dev negative routes; layers 4, 6 and 8 tie on dev,
     `benchmarks/results/key_map_dev_choice.json`). Keep 0.99 gave a threshold that let 3.3 %
     of unrelated prompts route once a store held 998 keys: a store's nearest-key distances
-    shrink as it grows, so the dev rule keeps every dev negative out.
+    shrink as it grows, so the dev rule keeps every dev negative out. Calibrated on the store
+    itself instead (`sola-vllm eval --threshold-keep 0.99`, `eval/store_threshold.py`; a
+    deployment does the same with `sola-vllm calibrate --store`), the threshold moves each
+    way: 0.252 on the 522 one-per-subject zsRE edits (generality 0.789 -> 0.912, locality
+    1.000) and 0.142 on CounterFact (locality 0.980 -> 0.990), README "A threshold for the
+    store".
     It is not the default: a map is fitted for one model (others have none yet), and mean
     keys turn vLLM's prefix caching off under Model Runner V2 (the V1 runner keeps it, with
     per-block state sums).
