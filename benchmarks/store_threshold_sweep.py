@@ -31,17 +31,20 @@ if str(ROOT) not in sys.path:  # run from a checkout without an installed sola_v
 
 from sola_vllm.commands import load_config  # noqa: E402
 from sola_vllm.engine import RoutedEngine  # noqa: E402
-from sola_vllm.eval.calibrate import suggest_threshold  # noqa: E402
 from sola_vllm.eval.harness import EvalConfig, edit_stream, edits_dir  # noqa: E402
 from sola_vllm.eval.methods import build_methods  # noqa: E402
-from sola_vllm.eval.store_threshold import StoreNegatives  # noqa: E402
+from sola_vllm.eval.store_threshold import (  # noqa: E402
+    StoreNegatives,
+    group_thresholds,
+    negative_distances,
+)
 from sola_vllm.store import EditStore  # noqa: E402
 
 GRID = [round(0.06 + 0.01 * i, 2) for i in range(25)]  # 0.06 .. 0.30
 
 
 def nearest(engine, prompts: list[str]) -> tuple[torch.Tensor, list[str | None]]:
-    routes = engine.nearest(prompts=prompts) if prompts else []
+    routes = engine.nearest(prompts=prompts)
     return (torch.tensor([r.distance for r in routes], dtype=torch.float64),
             [r.edit_id for r in routes])
 
@@ -73,10 +76,7 @@ def main() -> None:
     reported = [c for c in stream if c.split == cfg.split]
 
     negatives = StoreNegatives.of(data, reported, cfg.split)
-    engine.set_active([c.id for c in reported])
-    dev = {"hard": nearest(engine, negatives.hard)[0],
-           "unrelated": nearest(engine, negatives.unrelated)[0]}
-    engine.set_active([c.id for c in stream])  # as the eval holds it at its last checkpoint
+    dev = negative_distances(engine, negatives, reported)  # all edits active again after
     subject = {c.id: c.subject.lower() for c in stream}
     para = [(p, c) for c in reported for p in c.paraphrases]
     para_d, para_to = nearest(engine, [p for p, _ in para])
@@ -84,8 +84,7 @@ def main() -> None:
                         for to, (_, c) in zip(para_to, para, strict=True)])
     loc_d = nearest(engine, [p for c in reported for p in c.locality])[0]
 
-    marks = {f"--threshold-keep {keep}": min(suggest_threshold(d.tolist(), keep)
-                                             for d in dev.values() if len(d))
+    marks = {f"--threshold-keep {keep}": min(group_thresholds(dev, keep).values())
              for keep in args.keep}
     marks["key map"] = config.router.threshold
     rows = []

@@ -53,21 +53,14 @@ class StoreNegatives:
 def store_threshold(engine, data: Dataset, stream: list[EditCase], reported_split: str,
                     keep: float) -> dict:
     """The threshold for `engine`'s store of `stream` (its edits loaded), calibrated as the
-    module docstring says; the engine's active set is restored. Returns the threshold and what
-    it was read on."""
+    module docstring says. Returns the threshold and what it was read on."""
     check_keep(keep)
     keyed = [c for c in stream if c.split == reported_split]
     if not keyed:
         raise ValueError(f"the stream has no {reported_split} edits to calibrate a store on")
     negatives = StoreNegatives.of(data, keyed, reported_split)
-    before = set(engine.active)
-    engine.set_active([c.id for c in keyed])
-    try:
-        groups = {"hard": _distances(engine, negatives.hard),
-                  "unrelated": _distances(engine, negatives.unrelated)}
-    finally:
-        engine.set_active(before)
-    own = {name: suggest_threshold(d.tolist(), keep) for name, d in groups.items() if len(d)}
+    groups = negative_distances(engine, negatives, keyed)
+    own = group_thresholds(groups, keep)
     threshold = min(own.values())
     return {"threshold": threshold, "keep": keep, "split": negatives.split, "keys": len(keyed),
             "negatives": {name: len(d) for name, d in groups.items()},
@@ -76,8 +69,27 @@ def store_threshold(engine, data: Dataset, stream: list[EditCase], reported_spli
                        for name, d in groups.items()}}
 
 
+def negative_distances(engine, negatives: StoreNegatives,
+                       keyed: list[EditCase]) -> dict[str, torch.Tensor]:
+    """Each negative group's nearest-key distances (fp64) with only `keyed`'s edits active;
+    the engine's active set is restored."""
+    before = set(engine.active)
+    engine.set_active([c.id for c in keyed])
+    try:
+        return {"hard": _distances(engine, negatives.hard),
+                "unrelated": _distances(engine, negatives.unrelated)}
+    finally:
+        engine.set_active(before)
+
+
+def group_thresholds(groups: dict[str, torch.Tensor], keep: float) -> dict[str, float]:
+    """Per non-empty group, the largest threshold that keeps `keep` of it unrouted; the
+    store's threshold is their minimum."""
+    return {name: suggest_threshold(d.tolist(), keep) for name, d in groups.items() if len(d)}
+
+
 def _distances(engine, prompts: list[str]) -> torch.Tensor:
     if not prompts:
-        return torch.empty(0)
+        return torch.empty(0, dtype=torch.float64)
     distances = [r.distance for r in engine.nearest(prompts=prompts)]
     return torch.tensor(distances, dtype=torch.float64)
