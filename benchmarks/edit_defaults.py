@@ -9,6 +9,9 @@ routed to its own prompt and paraphrase (so routing plays no part here):
 Prints a table and writes JSON.
 
     .venv/bin/python benchmarks/edit_defaults.py --edits 40
+    .venv/bin/python benchmarks/edit_defaults.py --data ../shared/data/rome_known_1000.json \
+        --edits 120 --settings "rank8,rank8 stop0.002" \
+        --out benchmarks/results/edit_defaults_stop_counterfact.json
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ SETTINGS = [  # (name, edit overrides, train overrides); every other option is t
     ("rank4 lr3e-3", {"rank": 4}, {"lr": 3e-3}),
     ("rank4 sgd paper", {"rank": 4}, {"steps": 40, "lr": 0.05, "optimizer": "sgd",
                                       "schedule": "cosine", "stop_loss": 0.0}),
+    ("rank8 stop0.01", {"rank": 8}, {"stop_loss": 0.01}),  # train on past the fit
+    ("rank8 stop0.002", {"rank": 8}, {"stop_loss": 0.002}),
 ]
 
 
@@ -69,15 +74,22 @@ def main() -> int:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--model", default=None)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/edit_defaults.json")
+    p.add_argument("--settings", default=None,
+                   help="comma-separated setting names to run (default: all)")
     args = p.parse_args()
+    names = [n for n, _, _ in SETTINGS]
+    chosen = names if args.settings is None else [n.strip() for n in args.settings.split(",")]
+    unknown = sorted(set(chosen) - set(names))
+    if unknown:
+        p.error(f"unknown settings {unknown}; known: {names}")
 
     from sola_vllm.config import SolaConfig
     from sola_vllm.engine import RoutedEngine
     from sola_vllm.eval.data import load
 
-    cases = load(args.data).split("dev")[:args.edits]
+    cases = [c for c in load(args.data).split("dev") if c.paraphrases][:args.edits]
     rows = []
-    for name, edit_over, train_over in SETTINGS:
+    for name, edit_over, train_over in [s for s in SETTINGS if s[0] in chosen]:
         base = SolaConfig().to_dict()
         config = SolaConfig.from_dict({"edit": {**base["edit"], **edit_over},
                                        "train": {**base["train"], **train_over}})
