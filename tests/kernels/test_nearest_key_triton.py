@@ -47,10 +47,20 @@ def assert_same_routing(got, want, dtype):
     torch.testing.assert_close(got[1].cpu(), want[1], **TOLERANCE[dtype])
 
 
-def routing_case(num_queries, num_keys, dim, metric, dtype):
+def routing_case(num_queries, num_keys, dim, metric, dtype, tries=20):
     """Keys with random norms in [1, 4]; query s sits next to key target[s], at 1e-3 (even s:
     hits) or 1e-1 (odd s: misses) of the closest key pair's separation, so its nearest key is
-    target[s] beyond rounding; the threshold sits geometrically between hits and misses."""
+    target[s] beyond rounding; the threshold sits geometrically between hits and misses. A draw
+    whose hits round to distance 0 in `dtype` (many keys in few dimensions: fp16 cannot place a
+    query that near its key) leaves no threshold between them and is drawn again."""
+    for _ in range(tries):
+        case = _draw_routing_case(num_queries, num_keys, dim, metric, dtype)
+        if case[3] > 0:
+            return case
+    raise AssertionError(f"no routable case in {tries} draws")
+
+
+def _draw_routing_case(num_queries, num_keys, dim, metric, dtype):
     unit = torch.nn.functional.normalize(torch.randn(num_keys, dim), dim=1)
     keys = unit * (1 + 3 * torch.rand(num_keys, 1))
     if num_keys > 2048:  # random directions in high d: pairwise chords are ~1.4
