@@ -8,8 +8,11 @@ from sola_vllm.serving.lora_stacks import LoraStacks, RoutedTokens
 from sola_vllm.serving.runtime import LoraTarget
 
 IN, OUT, SLOTS, MAX_RANK = 37, 53, 9, 8
-# fp32: the two paths only sum in another order; bf16: y is rounded once to bf16 in both
-TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+# fp32: the two paths only sum in another order, over deltas that reach ~180 (randn factors,
+# scale up to 2.5; an fp32 ulp there is 1.5e-5), so rounding moves an output by a few ulps
+# (seen: 1.8e-5 on an AVX-512 machine);
+# bf16: y is rounded once to bf16 in both
+TOLERANCE = {torch.float32: dict(atol=5e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 
 def popularity(kind: str, num_tokens: int, gen: torch.Generator) -> torch.Tensor:
