@@ -37,6 +37,7 @@ SETTINGS = [  # (name, edit overrides, train overrides); every other option is t
                                       "schedule": "cosine", "stop_loss": 0.0}),
     ("rank8 stop0.01", {"rank": 8}, {"stop_loss": 0.01}),  # train on past the fit
     ("rank8 stop0.002", {"rank": 8}, {"stop_loss": 0.002}),
+    ("rank8 stop0.0005", {"rank": 8}, {"stop_loss": 0.0005}),
 ]
 
 
