@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 METRICS = ("l2", "cosine")
+# What a revoked edit's keys do: "block" (they stay in the routing table owned by no edit, so a
+# prompt whose nearest key is a revoked edit's runs the base model) or "drop" (removed, as if
+# the edit had never been added). See RouterConfig.revoked_keys.
+REVOKED_KEYS = ("block", "drop")
 # How a prompt's routing key pools the residual states entering the route layer: "last" (its
 # last token, the paper's choice) or "mean" (the mean over every prompt token but the first,
 # whose state is an outlier every prompt shares); see `keys.pool_keys`.
@@ -126,14 +130,31 @@ class RouterConfig:
     It is not the default: a map is fitted for one model (others have none yet), and mean
     keys turn vLLM's prefix caching off under Model Runner V2 (the V1 runner keeps it, with
     per-block state sums).
+
+    `revoked_keys`: "drop" (default) removes a revoked edit's keys, as if it had never been
+    added: its prompt may then route to the next nearest edit. "block" keeps them in the table,
+    owned by no edit (-1), listed after every routed key so a routed key wins an exact tie: the
+    revoked edit's own prompt is nearest its own key and runs the base model whatever lies near
+    it. Measured after revoking a random half of the evaluated stores (README "Rollback"):
+    with one record per subject, "block" takes revoked prompts to the base model's exact output
+    for 1.000 (drop: 0.984-0.995) at no cost to kept edits; where kept edits share subjects
+    with revoked ones (zsRE's full stream: a correction of a correction), blocking also keeps
+    kept edits' paraphrases from them (0.62 -> 0.53 routed to their edit) and sends a
+    superseded edit's prompt back to the base answer instead of to the edit that replaced it,
+    which is why it is not the default. With "block" a server keeps revoked edits loaded
+    (their slot and key rows), at start too, after every routed edit and as far as
+    `max_edits` / `max_keys` allow. Restoring the edit routes its keys again.
     """
 
     metric: str = "cosine"
     threshold: float | None = None  # None: the key map's calibrated threshold, else 0.006
     key_map: str | None = None
+    revoked_keys: str = "drop"  # one of REVOKED_KEYS; see below
 
     def __post_init__(self) -> None:
         _check(self.metric in METRICS, f"metric {self.metric!r} is not one of {METRICS}")
+        _check(self.revoked_keys in REVOKED_KEYS,
+               f"revoked_keys {self.revoked_keys!r} is not one of {REVOKED_KEYS}")
         if self.key_map is not None:
             _check(isinstance(self.key_map, str) and self.key_map != "",
                    f"key_map must be a non-empty path or map name, got {self.key_map!r}")

@@ -68,6 +68,7 @@ class RoutedEngine:
         self.edits: dict[str, Edit] = {}
         self.active: set[str] = set()  # the engine's own state; the Edit objects stay untouched
         self.canary: set[str] = set()  # routed only for calls that opt in
+        self.revoked: set[str] = set()  # their keys block routing (router.revoked_keys "block")
         self.key_map = router.load_key_map()  # None: keys compared as they are
         if self.key_map is not None:
             self.key_map.check_fits(model_fingerprint, model.config.hidden_size, shape.key_pool,
@@ -142,22 +143,19 @@ class RoutedEngine:
         for name, (a, b) in edit.lora.items():
             self.modules[name].set_adapter(edit.id, a, b, float(edit.scale))
         self.edits[edit.id] = edit
-        if edit.state == "active":
-            self.active.add(edit.id)
-        elif edit.state == "canary":
-            self.canary.add(edit.id)
+        self._state_set(edit.state).add(edit.id)
 
     def remove(self, edit_id: str) -> None:
         self._get(edit_id)
         for module in self.modules.values():
             module.drop_adapter(edit_id)
         del self.edits[edit_id]
-        self.active.discard(edit_id)
-        self.canary.discard(edit_id)
+        self._forget_state(edit_id)
         self._rebuild_table()
 
     def revoke(self, edit_id: str) -> None:
-        """Remove the edit's keys from routing; its LoRA stays loaded for a later restore."""
+        """Stop routing to the edit: its keys block (`RouterConfig.revoked_keys`) or leave the
+        table; its LoRA stays loaded for a later restore."""
         self.set_state(edit_id, "revoked")
 
     def restore(self, edit_id: str) -> None:
@@ -166,24 +164,41 @@ class RoutedEngine:
     def set_state(self, edit_id: str, state: str) -> None:
         """Route a loaded edit as its lifecycle state says: active for every call, canary for
         calls that opt in, staged / revoked for none."""
+        self.set_states({edit_id: state})
+
+    def set_states(self, states: dict[str, str]) -> None:
+        """`set_state` for many loaded edits, with one routing-table rebuild; checked first."""
         from .edit import STATES
 
-        self._get(edit_id)
-        if state not in STATES:
-            raise ValueError(f"edit state {state!r} is not one of {STATES}")
-        self.active.discard(edit_id)
-        self.canary.discard(edit_id)
-        {"active": self.active, "canary": self.canary}.get(state, set()).add(edit_id)
+        for edit_id, state in states.items():
+            self._get(edit_id)
+            if state not in STATES:
+                raise ValueError(f"edit state {state!r} is not one of {STATES}")
+        for edit_id, state in states.items():
+            self._forget_state(edit_id)
+            self._state_set(state).add(edit_id)
         self._rebuild_table()
 
+    def _state_set(self, state: str) -> set[str]:
+        """The set that records `state` (a throwaway one for staged: it routes nothing)."""
+        return {"active": self.active, "canary": self.canary,
+                "revoked": self.revoked}.get(state, set())
+
+    def _forget_state(self, edit_id: str) -> None:
+        self.active.discard(edit_id)
+        self.canary.discard(edit_id)
+        self.revoked.discard(edit_id)
+
     def set_active(self, edit_ids) -> None:
-        """Route to exactly these loaded edits (one table rebuild for many changes)."""
+        """Route to exactly these loaded edits (one table rebuild for many changes). Edits left
+        out route nothing and block nothing, unless revoked (their keys then still block)."""
         edit_ids = set(edit_ids)
         unknown = sorted(edit_ids - self.edits.keys())
         if unknown:
             raise KeyError(f"edits {unknown[:5]} are not loaded")
         self.active = edit_ids
         self.canary -= edit_ids
+        self.revoked -= edit_ids
         self._rebuild_table()
 
     def _get(self, edit_id: str) -> Edit:
@@ -192,11 +207,13 @@ class RoutedEngine:
         return self.edits[edit_id]
 
     def _rebuild_table(self) -> None:
+        blocking = ([e for e in self.edits.values() if e.id in self.revoked]
+                    if self.router.revoked_keys == "block" else [])
         self.table = KeyTable.build([e for e in self.edits.values() if e.id in self.active],
-                                    self.key_map)
+                                    self.key_map, blocking)
         self.canary_table = KeyTable.build([e for e in self.edits.values()
                                             if e.id in self.active or e.id in self.canary],
-                                           self.key_map)
+                                           self.key_map, blocking)
 
     @property
     def routing_table(self) -> KeyTable:
@@ -263,7 +280,8 @@ class RoutedEngine:
     def nearest(self, prompts: list[str] | None = None,
                 queries: torch.Tensor | None = None) -> list[Route]:
         """Each prompt's nearest active key, whatever its distance (no threshold): the edit that
-        owns it (None when no edit is active) and the distance. For calibrating thresholds.
+        owns it (None when no edit is active, or when the nearest key is a revoked edit's that
+        blocks) and the distance. For calibrating thresholds.
         `queries` (from `key_queries`) may be given instead of the prompts."""
         if queries is None:
             queries = self.key_queries(prompts)
@@ -271,7 +289,7 @@ class RoutedEngine:
             return [Route(None, float("inf")) for _ in range(queries.shape[0])]
         slot, dist, _ = nearest_key_ref(self.mapped(queries), self.table.keys,
                                         self.table.owners, float("inf"), self.router.metric)
-        return [Route(self.table.edit_ids[s], float(d))
+        return [Route(self.table.edit_ids[s] if s >= 0 else None, float(d))
                 for s, d in zip(slot.tolist(), dist.tolist(), strict=True)]
 
     def _route_layer_hook(self, module, args, kwargs):

@@ -1,4 +1,5 @@
-"""The routing table: every active edit's keys stacked (mapped), each row owned by an edit slot."""
+"""The routing table: every routed edit's keys stacked (mapped), each row owned by an edit slot;
+then the blocking keys (revoked edits', `RouterConfig.revoked_keys`), owned by no edit (-1)."""
 
 from __future__ import annotations
 
@@ -13,17 +14,21 @@ from .edit import Edit
 class KeyTable:
     keys: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))  # [N, d] fp32, mapped
     owners: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int32))
-    edit_ids: list[str] = field(default_factory=list)  # slot -> edit id
+    edit_ids: list[str] = field(default_factory=list)  # slot -> edit id (routed edits only)
 
     @classmethod
-    def build(cls, edits: list[Edit], key_map=None) -> KeyTable:
-        """Keys in the space distances are taken in: after `key_map` (a `KeyMap`) if given."""
-        if not edits:
+    def build(cls, edits: list[Edit], key_map=None, blocking: list[Edit] = ()) -> KeyTable:
+        """Keys in the space distances are taken in: after `key_map` (a `KeyMap`) if given.
+        `blocking` edits' keys follow the routed ones, owned by -1: a query nearest one routes
+        to no edit, and a routed key wins an exact tie (the lowest key index does)."""
+        everything = [*edits, *blocking]
+        if not everything:
             return cls()
-        keys = torch.cat([e.keys.float() for e in edits])
+        keys = torch.cat([e.keys.float() for e in everything])
         keys = keys if key_map is None else key_map(keys)
-        owners = torch.cat([torch.full((e.keys.shape[0],), slot, dtype=torch.int32)
-                            for slot, e in enumerate(edits)])
+        owners = torch.cat([torch.full((e.keys.shape[0],), slot if slot < len(edits) else -1,
+                                       dtype=torch.int32)
+                            for slot, e in enumerate(everything)])
         return cls(keys, owners, [e.id for e in edits])
 
     def __len__(self) -> int:

@@ -339,7 +339,7 @@ class Probe:
         before_rows, _ = self.checkpoint(variant, cases, routed=True)
         routes_before = self.routes([c.prompt for c in cases], True)
         revoked = set(random.Random(seed).sample([c.id for c in stream], len(stream) // 2))
-        engine.set_active([c.id for c in stream if c.id not in revoked])
+        engine.set_states(dict.fromkeys(revoked, "revoked"))
         try:
             gone = [c for c in cases if c.id in revoked]
             kept = [c for c in cases if c.id not in revoked]
@@ -352,7 +352,7 @@ class Probe:
                                        routes_before)
             loc = self.unchanged(variant, [p for c in cases for p in c.locality], routes)
         finally:
-            engine.set_active([c.id for c in stream])
+            engine.set_states(dict.fromkeys(revoked, "active"))
         return {"T": len(stream), "revoked": len(revoked), "revoked_evaluated": len(gone),
                 "revoked_exact": _mean(exact),
                 "revoked_exact_unshadowed": _mean(e for e, w in zip(exact, where, strict=True)

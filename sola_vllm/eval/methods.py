@@ -4,7 +4,7 @@
 - `sola`: sola-vllm with the configured (default) routing, layers, rank and training.
 - `sola-paper`: SoLA as the paper specifies it (arXiv 2603.11239, §3 and App. B): rank 4, SGD
   with lr 0.05 and cosine decay for 40 epochs, L2 distance on raw last-token keys entering the
-  first edited layer, α = 0.01.
+  first edited layer, α = 0.01; a revoked edit's keys are deleted.
 - `lora-all`: the baseline users reach for: one LoRA fine-tuned on all edits so far, applied to
   every prompt (no routing).
 """
@@ -32,7 +32,9 @@ def paper_config(base: SolaConfig) -> SolaConfig:
     edit = SolaConfig.from_dict({"edit": {**paper_keys(base).to_dict()["edit"], "rank": 4}}).edit
     train = TrainConfig(steps=40, lr=0.05, optimizer="sgd", schedule="cosine", stop_loss=0.0,
                         seed=base.train.seed, init_std=base.train.init_std)
-    return SolaConfig(edit=edit, router=RouterConfig(metric="l2", threshold=0.01), train=train)
+    # the paper deletes a revoked edit's keys
+    router = RouterConfig(metric="l2", threshold=0.01, revoked_keys="drop")
+    return SolaConfig(edit=edit, router=router, train=train)
 
 
 def paper_keys(base: SolaConfig) -> SolaConfig:
@@ -77,4 +79,5 @@ def router_summary(method: Method) -> dict:
                      else f"{edit.key_pool}-pooled") if routed else None,
             "route_layer": edit.route_layer if routed else None,
             "key_map": router.key_map if routed else None,
+            "revoked_keys": router.revoked_keys if routed else None,
             "calibration": method.calibration if routed else None}

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..arch import EditShape
-from ..config import KEY_POOLS, METRICS
+from ..config import KEY_POOLS, METRICS, REVOKED_KEYS
 
 SOLA_ARCHITECTURES = {
     "llama": "SolaLlamaForCausalLM",
@@ -45,11 +45,14 @@ class ServingConfig:
     key_pool: str = "last"
     route_layer: int | None = None
     key_map: str | None = None
+    revoked_keys: str = "drop"  # = RouterConfig's: revoked edits' keys dropped, or block routing
 
     def __post_init__(self) -> None:
         self.layers, self.modules = tuple(self.layers), tuple(self.modules)
         if self.metric not in METRICS:
             raise ValueError(f"metric {self.metric!r} is not one of {METRICS}")
+        if self.revoked_keys not in REVOKED_KEYS:
+            raise ValueError(f"revoked_keys {self.revoked_keys!r} is not one of {REVOKED_KEYS}")
         self._check_keys()
         for name in ("max_edits", "max_keys", "max_rank", "request_log"):
             value = getattr(self, name)

@@ -52,6 +52,7 @@ def serving_config(model_path: Path, config: SolaConfig, **capacity) -> ServingC
     return ServingConfig.from_shape(shape, hf.model_type, fingerprint,
                                     metric=config.router.metric,
                                     threshold=config.router.threshold, key_map=key_map,
+                                    revoked_keys=config.router.revoked_keys,
                                     **capacity)
 
 

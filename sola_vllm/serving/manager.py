@@ -293,15 +293,25 @@ class EditManager:
         loaded = await self.in_store(self.store.load)
         for problem in loaded.problems:
             logger.warning("sola-vllm: edit store problem: %s", problem)
-        # staged and revoked edits stay in the store only: they would hold capacity, and a
-        # transition that routes them loads them on demand
+        # staged edits stay in the store only: they would hold capacity, and a transition that
+        # routes them loads them on demand. Revoked edits are loaded when their keys block
+        # (`revoked_keys`), after every routed edit so these get the capacity first.
         routed = [e for e in loaded.edits if e.state in ("active", "canary")]
-        done = 0
+        blocking = [e for e in loaded.edits if e.state == "revoked" and self._blocks()]
+        done = blocked = 0
         for start in range(0, len(routed), _LOAD_CHUNK):
             done += await self._load_chunk(routed[start:start + _LOAD_CHUNK])
-        logger.info("sola-vllm: serving %d of %d routed edits from %s (%d canary; %d staged or "
-                    "revoked)", done, len(routed), self.store.path,
-                    sum(e.state == "canary" for e in routed), len(loaded.edits) - len(routed))
+        for start in range(0, len(blocking), _LOAD_CHUNK):
+            blocked += await self._load_chunk(blocking[start:start + _LOAD_CHUNK])
+        logger.info("sola-vllm: serving %d of %d routed edits from %s (%d canary); %d of %d "
+                    "revoked edits' keys block; %d edits staged or revoked, not loaded",
+                    done, len(routed), self.store.path, sum(e.state == "canary" for e in routed),
+                    blocked, len(blocking),
+                    len(loaded.edits) - len(routed) - blocked)
+
+    def _blocks(self) -> bool:
+        """Revoked edits' keys block routing (`config.RouterConfig.revoked_keys`)."""
+        return self.serving.revoked_keys == "block"
 
     async def _load_chunk(self, edits: list[Edit]) -> int:
         """Keys of the whole chunk are captured concurrently; edits are loaded in store order
@@ -317,8 +327,8 @@ class EditManager:
                 if isinstance(ids, BaseException):
                     raise ids
                 await self._add_captured(edit, ids, active=edit.state == "active")
-                if edit.state == "canary":
-                    await self.rpc("sola_set_state", edit.id, "canary")
+                if edit.state in ("canary", "revoked"):
+                    await self.rpc("sola_set_state", edit.id, edit.state)
                 done += 1
             except RequestError as exc:
                 logger.warning("sola-vllm: edit %s is not served: %s", edit.id, exc.message)
@@ -414,7 +424,10 @@ class EditManager:
                 serving = await self._route_loaded(edit_id, target, op, previous)
             else:
                 # sent: unrouting cannot be refused (an edit not loaded routes nothing anyway)
-                await self.send("sola_set_state", edit_id, target, on_error=_unless_not_loaded)
+                blocks = target == "revoked" and self._blocks()
+                await self.send("sola_set_state", edit_id, target,
+                                on_error=self._block_later(edit_id) if blocks
+                                else _unless_not_loaded)
                 serving = {"state": target}
             edit = await self.in_store(self.store.get, edit_id)
             history = await self.in_store(self.store.history, edit_id)
@@ -438,6 +451,33 @@ class EditManager:
             undo = functools.partial(self.store.transition, op=inverse_op(op, previous))
             await self._undo(undo, edit_id, "engine refused the change")
             raise
+
+    def _block_later(self, edit_id: str):
+        """on_error of a revocation whose keys block: an edit the engine has not loaded (it was
+        staged, or failed to load) is loaded in the background, so its keys block as they would
+        after a restart."""
+        def failed(exc: BaseException) -> None:
+            if isinstance(exc, RequestError) and exc.status == 404:
+                asyncio.ensure_future(self._load_blocking(edit_id))
+            else:
+                _unless_not_loaded(exc)
+
+        return failed
+
+    async def _load_blocking(self, edit_id: str) -> None:
+        """A revocation is never refused: where the engine cannot take the edit, the store's
+        change stands and the problem is logged (the edit routes nothing either way)."""
+        async with self.lock:
+            try:
+                edit = await self.in_store(self.store.get, edit_id)
+                if edit.state != "revoked":  # restored or staged meanwhile
+                    return
+                check_fits(edit, self.serving)
+                await self.load(edit, active=False)
+                await self.rpc("sola_set_state", edit_id, "revoked")
+            except RequestError as exc:
+                logger.warning("sola-vllm: revoked edit %s is not loaded, so its keys do not "
+                               "block: %s", edit_id, exc.message)
 
     async def _undo(self, fn, edit_id: str, why: str) -> None:
         try:

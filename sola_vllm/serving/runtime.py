@@ -5,8 +5,11 @@ Capacity is preallocated at start: `max_edits` LoRA slots (in the apply backend 
 kernels on CUDA) and `max_keys` key rows ([K, d] fp32). An edit's keys route to its
 slot while it is active; revoking it clears the keys' owners, so no new request routes to it,
 while requests already routed keep their edit until they finish (decision 3: a response is
-either wholly edited or wholly base). Routes are decided once per request at its key token and
-kept by request id until the request finishes, so they survive preemption and recompute.
+either wholly edited or wholly base). With `revoked_keys="block"` (`config.RouterConfig`) a
+revoked edit's keys stay in the routed table, owned by no edit (-1) and after every routed key:
+a request whose nearest key is one runs the base model. Routes are decided once per request
+at its key token and kept by request id until the request finishes, so they survive preemption
+and recompute.
 
 Lifecycle: an active edit routes for every request, a canary edit only for requests that opt
 in (`"vllm_xargs": {"sola_canary": true}`, or a request id in the configured canary fraction);
@@ -92,6 +95,7 @@ class _SlotInfo:
     rank: int
     scale: float
     state: str  # the lifecycle state it routes by: active, canary, or staged / revoked (none)
+    # (revoked keys may block: `SolaRuntime.routed_keys`)
     summary: dict
 
     @property
@@ -188,10 +192,12 @@ class SolaRuntime:
         self.hits[slot] = 0
         self.request_log.loaded(edit.id)
         summary = {k: v for k, v in edit.summary().items() if k != "train_info"}
-        self.edits[edit.id] = _SlotInfo(slot, rows, edit.rank, float(edit.scale), "revoked",
+        self.edits[edit.id] = _SlotInfo(slot, rows, edit.rank, float(edit.scale), "staged",
                                         summary)
         if active:
             self.set_active(edit.id, True)
+        else:  # nothing changed in the routed table: a staged edit routes and blocks nothing
+            self._key_tables = {}
         return self.describe(edit.id)
 
     def add_edits(self, edits: list[Edit], keys: list[torch.Tensor],
@@ -233,7 +239,7 @@ class SolaRuntime:
         info = self._info(edit_id)
         if info.slot in self.routes.values():
             raise ValueError(f"edit {edit_id} is still used by in-flight requests")
-        self.set_active(edit_id, False)
+        self.set_state(edit_id, "staged")  # its keys leave the routed table, blocking or not
         self.free_key_rows.extend(info.key_rows)
         self.lora.clear(info.slot)  # a freed slot adds exact zeros until it is written again
         self.slot_edit[info.slot] = None
@@ -278,14 +284,15 @@ class SolaRuntime:
 
     def routed_keys(self, opted_in: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(keys [N, k], owner slots [N], unit keys for cosine or None) a request routes among:
-        active edits' keys, plus canary edits' when it opts in, mapped by the key map if there
-        is one (k = its width, else d). Rebuilt only after a change: a step with key tokens then
-        only maps and normalizes its queries."""
+        active edits' keys, plus canary edits' when it opts in, then revoked edits' keys owned
+        by -1 when they block (`revoked_keys`), mapped by the key map if there is one (k = its
+        width, else d). Rebuilt only after a change: a step with key tokens then only maps and
+        normalizes its queries."""
         if opted_in not in self._key_tables:
             owned = self.key_owner >= 0
             if not opted_in:
                 owned &= ~self.slot_canary[self.key_owner.clamp_min(0).long()]
-            rows = owned.nonzero().squeeze(1)
+            rows = torch.cat([owned.nonzero().squeeze(1), self._blocking_rows()])
             keys = self.mapped(self.keys[rows]).contiguous()
             # unit keys serve the torch search only (the kernel normalizes in place): on CUDA a
             # second copy of a large key table would cost as much memory as the table
@@ -293,6 +300,13 @@ class SolaRuntime:
             units = unit_rows(keys) if cosine else None
             self._key_tables[opted_in] = (keys, self.key_owner[rows].contiguous(), units)
         return self._key_tables[opted_in]
+
+    def _blocking_rows(self) -> torch.Tensor:
+        """Key rows of revoked edits when revoked keys block (their owner is -1), else none."""
+        rows = [] if self.config.revoked_keys != "block" else [
+            row for info in self.edits.values() if info.state == "revoked"
+            for row in info.key_rows]
+        return torch.tensor(rows, dtype=torch.long, device=self.key_owner.device)
 
     def opts_in(self, req_id: str, flag: bool) -> bool:
         """A request sees canary edits when it asks to, or when its id hashes into the

@@ -130,6 +130,27 @@ def test_tie_goes_to_the_lowest_key_index(metric, first, second, factor, num_que
         assert_same_routing(got, want, torch.float32)
 
 
+@pytest.mark.parametrize("num_queries", [1, 6], ids=["S1-broadcast", "S6-dot"])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_a_blocking_key_routes_to_no_edit_and_loses_exact_ties(metric, num_queries):
+    """Revoked edits' keys (`RouterConfig.revoked_keys="block"`) are owned by -1 and listed
+    after the routed ones: nearest one routes nowhere, an exact tie goes to the routed key."""
+    num_keys, dim = 300, 60
+    keys = torch.nn.functional.normalize(torch.randn(num_keys, dim), dim=1) * 3
+    owners = torch.arange(num_keys, dtype=torch.int32)
+    owners[200:] = -1  # keys 200.. block
+    keys[250] = keys[7]  # a blocking key identical to a routed one
+    # even queries next to blocking key 210, odd ones exactly on key 7 (and so on key 250)
+    queries = torch.stack([keys[210] + 1e-3 * torch.randn(dim) if s % 2 == 0 else keys[7]
+                           for s in range(num_queries)])
+    want = nearest_key_ref(queries, keys, owners, 0.5, metric)
+    assert want[0].tolist() == [-1 if s % 2 == 0 else 7 for s in range(num_queries)]
+    assert want[2].tolist() == [210 if s % 2 == 0 else 7 for s in range(num_queries)]
+    for provider in PROVIDERS.values():
+        got = provider(queries.to(DEVICE), keys.to(DEVICE), owners.to(DEVICE), 0.5, metric)
+        assert_same_routing(got, want, torch.float32)
+
+
 @pytest.mark.parametrize("num_queries", [1, 17], ids=["S1-broadcast", "S17-dot"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_identical_query_has_distance_exactly_zero(dtype, num_queries):
