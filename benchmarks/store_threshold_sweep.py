@@ -18,7 +18,6 @@ only (nearest keys); no token is generated.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -31,14 +30,13 @@ if str(ROOT) not in sys.path:  # run from a checkout without an installed sola_v
 
 from sola_vllm.commands import load_config  # noqa: E402
 from sola_vllm.engine import RoutedEngine  # noqa: E402
-from sola_vllm.eval.harness import EvalConfig, edit_stream, edits_dir  # noqa: E402
-from sola_vllm.eval.methods import build_methods  # noqa: E402
+from sola_vllm.eval.harness import EvalConfig  # noqa: E402
 from sola_vllm.eval.store_threshold import (  # noqa: E402
     StoreNegatives,
     group_thresholds,
     negative_distances,
 )
-from sola_vllm.store import EditStore  # noqa: E402
+from sola_vllm.eval.stored import store_parser, stored_stream  # noqa: E402
 
 GRID = [round(0.06 + 0.01 * i, 2) for i in range(25)]  # 0.06 .. 0.30
 
@@ -50,29 +48,20 @@ def nearest(engine, prompts: list[str]) -> tuple[torch.Tensor, list[str | None]]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--eval-dir", type=Path, required=True, help="an eval run's --out")
-    ap.add_argument("--config", default="smollm2-135m-instruct-mean-l6")
-    ap.add_argument("--edits", type=int, default=1000)
-    ap.add_argument("--view", choices=("full", "one_per_subject"), default="full")
+    ap = store_parser(__doc__.split("\n")[0])
     ap.add_argument("--keep", type=float, nargs="+", default=[0.999, 0.99],
                     help="mark the threshold eval --threshold-keep picks for each")
-    ap.add_argument("--out", type=Path, default=None, help="JSON (default: results/...)")
     args = ap.parse_args()
 
     config = load_config(args.config)
     cfg = EvalConfig(data=args.data, edits=args.edits, out=args.eval_dir, view=args.view,
                      config=config)
-    data, stream = edit_stream(cfg)
-    store = EditStore(edits_dir(cfg, build_methods(["sola"], config)[0]))
-    by_id = {e.id: e for e in store.all()}
-    missing = [c.id for c in stream if c.id not in by_id]
-    if missing:
-        sys.exit(f"{store.root}: {len(missing)} of the stream's edits are not trained "
-                 f"(run sola-vllm eval first), e.g. {missing[:3]}")
+    try:
+        data, stream, edits = stored_stream(cfg)
+    except ValueError as exc:
+        sys.exit(str(exc))
     engine = RoutedEngine.from_pretrained(None, config)
-    engine.add_all([by_id[c.id] for c in stream])
+    engine.add_all(edits)
     reported = [c for c in stream if c.split == cfg.split]
 
     negatives = StoreNegatives.of(data, reported, cfg.split)

@@ -2,7 +2,7 @@
 (`sola-vllm eval --threshold-keep`): which prompts it reads, its rule, and the harness wiring."""
 
 import pytest
-from test_eval_harness import DATA
+from test_eval_harness import DATA, needs_data
 
 from sola_vllm.engine import Route
 from sola_vllm.eval.data import Dataset, EditCase
@@ -73,3 +73,19 @@ def test_bad_calibration_input_is_refused():
         store_threshold(_Engine({}), data, [data.cases[2]], "test", keep=0.99)
     with pytest.raises(ValueError, match="threshold-keep"):
         EvalConfig(data=DATA, threshold_keep=1.5)
+
+
+@needs_data
+def test_stored_stream_names_a_missing_or_incomplete_store(tmp_path):
+    """What the benchmarks rereading an eval run load: every stream edit, or a clear error."""
+    from sola_vllm.eval.harness import edits_dir
+    from sola_vllm.eval.methods import build_methods
+    from sola_vllm.eval.stored import stored_stream
+    from sola_vllm.store import EditStore
+
+    cfg = EvalConfig(data=DATA, edits=3, out=tmp_path)
+    with pytest.raises(ValueError, match="no sola edits under .*run sola-vllm eval"):
+        stored_stream(cfg)
+    EditStore.create(edits_dir(cfg, build_methods(["sola"], cfg.config)[0]))
+    with pytest.raises(ValueError, match="3 of the stream's edits are not trained"):
+        stored_stream(cfg)

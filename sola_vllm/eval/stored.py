@@ -1,0 +1,40 @@
+"""An evaluated store, read back: what the benchmarks that reread an eval run share (the
+options naming the run, and the stream's trained `sola` edits, checked complete)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .harness import EvalConfig, edit_stream, edits_dir
+from .methods import build_methods
+
+
+def store_parser(description: str) -> argparse.ArgumentParser:
+    """--data, --eval-dir, --config, --edits, --view and --out; callers add their own."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--eval-dir", type=Path, required=True, help="an eval run's --out")
+    ap.add_argument("--config", default="smollm2-135m-instruct-mean-l6")
+    ap.add_argument("--edits", type=int, default=1000)
+    ap.add_argument("--view", choices=("full", "one_per_subject"), default="full")
+    ap.add_argument("--out", type=Path, default=None, help="JSON (default: results/...)")
+    return ap
+
+
+def stored_stream(cfg: EvalConfig):
+    """(dataset, stream, each stream case's `sola` edit as the eval trained it under
+    `cfg.out`). Raises ValueError naming the store if any edit is missing."""
+    from ..store import EditStore
+
+    data, stream = edit_stream(cfg)
+    store = EditStore(edits_dir(cfg, build_methods(["sola"], cfg.config)[0]))
+    if not store.exists():
+        raise ValueError(f"no sola edits under {cfg.out} for this configuration's training "
+                         f"recipe ({store.path.name}): run sola-vllm eval --out {cfg.out} first")
+    by_id = {e.id: e for e in store.all()}
+    missing = [c.id for c in stream if c.id not in by_id]
+    if missing:
+        raise ValueError(f"{store.path}: {len(missing)} of the stream's edits are not trained "
+                         f"(run sola-vllm eval first), e.g. {missing[:3]}")
+    return data, stream, [by_id[c.id] for c in stream]
