@@ -78,7 +78,7 @@ def engine_section(report: dict, path: Path, other: dict) -> list[str]:
     rollback at its largest T, with its own command."""
     same_stream(report, path, other)
     meta, t = other["meta"], checkpoint_ts(other)[-1]
-    parts = [f"## On the {meta.get('engine')} engine",
+    parts = [f"## On the {meta.get('engine')} engine{blocking_note(other)}",
              f"`{meta.get('command')}` ({_shown(path)}; took {meta.get('seconds', 0):.0f} s, "
              f"{meta.get('route_mismatches', 0)} routes differing from the predicted ones). "
              "Generality and reliability come from greedy generations here (no teacher "
@@ -95,10 +95,19 @@ def variant_section(report: dict, path: Path, other: dict) -> list[str]:
     thresholds = ", ".join(f"{m['name']} {m['router']['threshold']:.4g}"
                            for m in other["methods"] if (m.get("router") or {}).get("threshold"))
     calibrated = any((m.get("router") or {}).get("calibration") for m in other["methods"])
-    parts = [f"## Threshold {thresholds}" + (" (calibrated on the store)" if calibrated else ""),
+    parts = [f"## Threshold {thresholds}" + (" (calibrated on the store)" if calibrated else "")
+             + blocking_note(other),
              f"`{meta.get('command')}` ({_shown(path)}; took {meta.get('seconds', 0):.0f} s).",
              *calibration_notes(other), comparison_table(other, t)]
     return parts + [table for table in (rollback_table(other), routing_table(other)) if table]
+
+
+def blocking_note(report: dict) -> str:
+    """Set off a report whose routed methods keep revoked edits' keys as blocking keys
+    (`RouterConfig.revoked_keys`); reports from before the option read as "drop"."""
+    block = [m["name"] for m in report["methods"]
+             if (m.get("router") or {}).get("revoked_keys") == "block"]
+    return f", revoked keys block ({', '.join(block)})" if block else ""
 
 
 def same_stream(report: dict, path: Path, other: dict) -> None:

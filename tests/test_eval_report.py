@@ -283,3 +283,17 @@ def test_benchmark_script_adds_a_section_per_threshold_with_its_calibration(repo
     variant_path.write_text(json.dumps(calibrated))
     assert _benchmark_module().main([str(main_path), "--variant", str(variant_path),
                                      "--out", str(tmp_path / "other.md")]) == 2
+
+
+def test_benchmark_script_names_a_variant_whose_revoked_keys_block(report, tmp_path):
+    main_path, variant_path = tmp_path / "report.json", tmp_path / "block.json"
+    main_path.write_text(json.dumps(report))
+    blocking = copy.deepcopy(report)
+    blocking["methods"][1]["router"]["revoked_keys"] = "block"
+    variant_path.write_text(json.dumps(blocking))
+    out = tmp_path / "edit_quality.md"
+    assert _benchmark_module().main([str(main_path), "--variant", str(variant_path),
+                                     "--engine", str(variant_path), "--out", str(out)]) == 0
+    md = out.read_text()
+    assert md.count(", revoked keys block (sola)") == 2  # the variant's and the engine's title
+    assert "revoked keys block" not in md.split("## On the")[0]  # the main run drops them
