@@ -124,7 +124,7 @@ class RouterConfig:
     shrink as it grows, so the dev rule keeps every dev negative out. Calibrated on the store
     itself instead (`sola-vllm eval --threshold-keep 0.99`, `eval/store_threshold.py`; a
     deployment does the same with `sola-vllm calibrate --store`), the threshold moves each
-    way: 0.252 on the 522 one-per-subject zsRE edits (generality 0.789 -> 0.912, locality
+    way: 0.252 on the 522 one-per-subject zsRE edits (generality 0.801 -> 0.926, locality
     1.000) and 0.142 on CounterFact (locality 0.980 -> 0.990), README "A threshold for the
     store".
     It is not the default: a map is fitted for one model (others have none yet), and mean
@@ -135,15 +135,17 @@ class RouterConfig:
     added: its prompt may then route to the next nearest edit. "block" keeps them in the table,
     owned by no edit (-1), listed after every routed key so a routed key wins an exact tie: the
     revoked edit's own prompt is nearest its own key and runs the base model whatever lies near
-    it. Measured after revoking a random half of the evaluated stores (README "Rollback"):
-    with one record per subject, "block" takes revoked prompts to the base model's exact output
-    for 1.000 (drop: 0.984-0.995) at no cost to kept edits; where kept edits share subjects
-    with revoked ones (zsRE's full stream: a correction of a correction), blocking also keeps
-    kept edits' paraphrases from them (0.62 -> 0.53 routed to their edit) and sends a
-    superseded edit's prompt back to the base answer instead of to the edit that replaced it,
-    which is why it is not the default. With "block" a server keeps revoked edits loaded
-    (their slot and key rows), at start too, after every routed edit and as far as
-    `max_edits` / `max_keys` allow. Restoring the edit routes its keys again.
+    it. Measured after revoking a random half of the evaluated stores (README "Rollback with
+    blocking keys"): "block" gives revoked prompts the base model's exact output for 1.000 on
+    every stream (drop: 0.984-0.995 with one zsRE record per subject, 0.974-0.978 on
+    CounterFact, 0.58-0.61 on zsRE's full stream), kept edits' reliability stays 1.000, and
+    kept paraphrases reach their edit as often (0.954, 0.752 against 0.755) except where kept
+    edits share subjects with revoked ones (zsRE's full stream, a correction of a
+    correction: 0.621 -> 0.528). There a superseded edit's prompt also returns to the base
+    answer rather than to the edit that replaced it. That, and capacity (a server keeps
+    revoked edits loaded, their LoRA slot and key rows, at start too, after every routed edit
+    and as far as `max_edits` / `max_keys` allow), is why it is not the default yet.
+    Restoring the edit routes its keys again.
     """
 
     metric: str = "cosine"
