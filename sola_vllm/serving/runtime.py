@@ -194,10 +194,8 @@ class SolaRuntime:
         summary = {k: v for k, v in edit.summary().items() if k != "train_info"}
         self.edits[edit.id] = _SlotInfo(slot, rows, edit.rank, float(edit.scale), "staged",
                                         summary)
-        if active:
+        if active:  # staged otherwise: it routes and blocks nothing, the routed table stands
             self.set_active(edit.id, True)
-        else:  # nothing changed in the routed table: a staged edit routes and blocks nothing
-            self._key_tables = {}
         return self.describe(edit.id)
 
     def add_edits(self, edits: list[Edit], keys: list[torch.Tensor],
