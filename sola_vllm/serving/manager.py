@@ -298,11 +298,7 @@ class EditManager:
         # (`revoked_keys`), after every routed edit so these get the capacity first.
         routed = [e for e in loaded.edits if e.state in ("active", "canary")]
         blocking = [e for e in loaded.edits if e.state == "revoked" and self._blocks()]
-        done = blocked = 0
-        for start in range(0, len(routed), _LOAD_CHUNK):
-            done += await self._load_chunk(routed[start:start + _LOAD_CHUNK])
-        for start in range(0, len(blocking), _LOAD_CHUNK):
-            blocked += await self._load_chunk(blocking[start:start + _LOAD_CHUNK])
+        done, blocked = await self._load_all(routed), await self._load_all(blocking)
         logger.info("sola-vllm: serving %d of %d routed edits from %s (%d canary); %d of %d "
                     "revoked edits' keys block; %d edits staged or revoked, not loaded",
                     done, len(routed), self.store.path, sum(e.state == "canary" for e in routed),
@@ -312,6 +308,13 @@ class EditManager:
     def _blocks(self) -> bool:
         """Revoked edits' keys block routing (`config.RouterConfig.revoked_keys`)."""
         return self.serving.revoked_keys == "block"
+
+    async def _load_all(self, edits: list[Edit]) -> int:
+        """Load `edits` `_LOAD_CHUNK` at a time, in order; -> how many loaded."""
+        done = 0
+        for start in range(0, len(edits), _LOAD_CHUNK):
+            done += await self._load_chunk(edits[start:start + _LOAD_CHUNK])
+        return done
 
     async def _load_chunk(self, edits: list[Edit]) -> int:
         """Keys of the whole chunk are captured concurrently; edits are loaded in store order
