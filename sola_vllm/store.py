@@ -63,7 +63,8 @@ __all__ = ["EditStore", "StoreError", "TransitionError", "UnknownEditError"]
 STORE_FORMAT = "sola-vllm-store"
 STORE_VERSION = 1
 _SUMMARY_FIELDS = ("prompts", "target", "created", "arch", "layers", "modules", "rank", "scale",
-                   "model_fingerprint", "shape_fingerprint", "train_info")
+                   "model_fingerprint", "shape_fingerprint", "train_info", "key_pool",
+                   "route_layer")
 
 
 class Loaded(NamedTuple):
