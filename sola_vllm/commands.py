@@ -37,6 +37,17 @@ def load_config(path: Path | None) -> SolaConfig:
     return SolaConfig.from_dict(data)
 
 
+def command_config(args, store: EditStore | None = None, edit=None) -> SolaConfig:
+    """`--config` when given; else the model's default for this store (`default_config`: the
+    recommended configuration of the model, or the one the store's edits, or else `edit`,
+    were read with)."""
+    if args.config is not None:
+        return load_config(args.config)
+    from .default_config import default_config
+
+    return default_config(args.model, store, edit).config
+
+
 def config_for_store(config: SolaConfig, store: EditStore | None) -> SolaConfig:
     """Serve a store with the layer set its edits were trained on and their keys read as
     they were (from the artifact headers, without loading the tensors)."""
@@ -132,7 +143,7 @@ def edit_train(args) -> dict:
     from tqdm import tqdm
 
     store = EditStore(args.store)
-    config = load_config(args.config)
+    config = command_config(args, store)
     state = _initial_state(args)
     probes = _probes(args)  # a bad probe file fails before the model loads
     engine = open_engine(args.model, config, store, progress=not args.json)
@@ -279,12 +290,12 @@ def _offline_check(args, store: EditStore, edit, state: str,
     an artifact); else from the stored keys alone, without loading the model."""
     probes = _probes(args)
     if probes or edit is None:
-        engine = open_engine(args.model, load_config(args.config), store,
+        engine = open_engine(args.model, command_config(args, store, edit), store,
                              progress=not args.json)
         new = (KeyGroup(edit.id, state, edit.keys.float(), edit.prompts) if edit is not None
                else KeyGroup(args.id or "new edit", state, engine.key_queries(prompts), prompts))
         return preflight.check_with_engine(engine, new, probes)
-    router = load_config(args.config).router
+    router = command_config(args, store, edit).router
     routed = [KeyGroup(e.id, e.state, e.keys.float(), e.prompts)
               for e in (store.load().edits if store.exists() else [])
               if e.state in ("active", "canary")]
@@ -402,7 +413,7 @@ def serve(args) -> dict:
 # --- generation ---------------------------------------------------------------------------------
 def generate(args) -> dict:
     store = _existing_store(args.store) if args.store is not None else None
-    config = load_config(args.config)
+    config = command_config(args, store)
     if args.engine == "vllm":
         if args.canary:
             raise ValueError("--canary works with --engine reference (on a server, send "
@@ -449,7 +460,7 @@ def calibrate(args) -> dict:
     store = _existing_store(args.store)
     active = [s["id"] for s in store.list() if s["state"] == "active" and "problem" not in s]
     probes = cal.load_probes(args.probes, active)  # checked before the model loads
-    engine = open_engine(args.model, load_config(args.config), store, progress=not args.json)
+    engine = open_engine(args.model, command_config(args, store), store, progress=not args.json)
     report = {"store": str(args.store), "probes_file": str(args.probes),
               **cal.calibrate(engine, probes, keep=args.keep)}
     if args.out is not None:
@@ -461,14 +472,14 @@ def evaluate(args) -> dict:
     """Edit quality on benchmark data (see `sola_vllm.eval.harness`)."""
     from .eval.command import eval_command
 
-    return eval_command(args, load_config)
+    return eval_command(args, command_config)
 
 
 def fit_metric(args) -> dict:
     """Fit a key map for the model and its configured keys, and calibrate its threshold."""
     from .eval.fit_map import fit_metric_command
 
-    result = fit_metric_command(args, open_engine, load_config)
+    result = fit_metric_command(args, open_engine, command_config)
     lines = [f"key map written to {result['out']} ({result['key_pool']}-pooled keys entering "
              f"layer {result['route_layer']}, {result['dim']} dimensions, "
              f"fitted on {result['fit']['pairs']} pairs)"]
@@ -498,7 +509,7 @@ def demo(args) -> dict:
 def _demo(args) -> dict:
     say = (lambda m: None) if args.json else (lambda m: print(m, flush=True))
     store = EditStore(args.store)
-    engine = open_engine(args.model, load_config(args.config), store, progress=not args.json)
+    engine = open_engine(args.model, command_config(args, store), store, progress=not args.json)
     prompts = [args.prompt, "The Eiffel Tower is located in the city of"]
 
     def answer(stage: str) -> dict:

@@ -32,8 +32,10 @@ ROME = "The capital of France is"
 MARS = "The largest planet in the solar system is"
 OTHER = "The Eiffel Tower is located in the city of"
 BODY_LIMIT = 1024 * 1024
-SERVE_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
-              "--max-edits", "4", "--max-keys", "6", "--gpu-memory-utilization", "0.3"]
+# the edits these servers get are trained by `default_engine`: last-token keys
+SERVE_ARGS = ["--config", "last-token", "--dtype", "float32", "--enforce-eager",
+              "--max-model-len", "512", "--max-edits", "4", "--max-keys", "6",
+              "--gpu-memory-utilization", "0.3"]
 START_TIMEOUT = 300
 
 
@@ -47,8 +49,8 @@ def _free_port() -> int:
 class Server:
     """`.venv/bin/sola-vllm serve` in its own process group (vLLM's engine processes too)."""
 
-    def __init__(self, store: Path, log: Path):
-        self.store, self.log = store, log
+    def __init__(self, store: Path, log: Path, args: tuple[str, ...] = tuple(SERVE_ARGS)):
+        self.store, self.log, self.args = store, log, list(args)
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -60,7 +62,7 @@ class Server:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [str(Path(sys.executable).parent / "sola-vllm"), "serve", "--store",
-                 str(self.store), "--port", str(self.port), *SERVE_ARGS],
+                 str(self.store), "--port", str(self.port), *self.args],
                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     @property
@@ -99,11 +101,11 @@ def stop_and_report(srv: Server) -> None:
         print(srv._tail())
 
 
-def module_server(tmp_path_factory, name: str):
+def module_server(tmp_path_factory, name: str, args: tuple[str, ...] = tuple(SERVE_ARGS)):
     """A test module's server (yield from it in a module-scoped fixture): it boots while the
     module's edits are trained, and its log tail is printed if it did not stop cleanly."""
     root = tmp_path_factory.mktemp(name)
-    srv = Server(root / "store", root / "server.log")
+    srv = Server(root / "store", root / "server.log", args)
     srv.start()
     yield srv
     stop_and_report(srv)

@@ -38,7 +38,7 @@ def add_parser(sub, add_model, add_json) -> None:
     add_json(p)
 
 
-def eval_command(args, load_config) -> dict:
+def eval_command(args, command_config) -> dict:
     try:
         checkpoints = tuple(int(x) for x in args.checkpoints.split(","))
     except ValueError as e:
@@ -47,7 +47,7 @@ def eval_command(args, load_config) -> dict:
     cfg = EvalConfig(data=args.data, engine=args.engine, out=args.out, split=args.split,
                      view=args.view,
                      methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-                     model=args.model, config=load_config(args.config),
+                     model=args.model, config=command_config(args),
                      threshold_keep=args.threshold_keep, **options)
     progress = None if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
     report = run(cfg, progress)

@@ -170,11 +170,11 @@ class DevDistances:
                 "unrelated_routed": float((self.unrelated < threshold).float().mean())}
 
 
-def fit_metric_command(args, open_engine, load_config) -> dict:
+def fit_metric_command(args, open_engine, command_config) -> dict:
     if (args.data is None) == (args.pairs is None):
         raise ValueError("give exactly one of --data (benchmark files) or --pairs (JSON lines)")
     check_keep(args.keep)
-    config = load_config(args.config)
+    config = command_config(args)
     engine = open_engine(args.model, config, progress=not args.json)
     pairs = dataset_pairs(*args.data) if args.data else load_pairs(args.pairs)
     random.Random(args.seed).shuffle(pairs)

@@ -171,14 +171,14 @@ def build_command(kwargs: dict, host: str, port: int, extra: list[str]) -> list[
 
 def prepare(args, extra: list[str]) -> tuple[list[str], dict]:
     """The command line and environment that `serve` execs (also used by the tests)."""
-    from ..commands import config_for_store, load_config
+    from ..commands import command_config, config_for_store
     from ..models import resolve_model
 
     check_passthrough(extra)
     access = access_env(args)  # first: refuse an open API on a public host before any work
     model_path = resolve_model(args.model).resolve()
     store = EditStore(Path(args.store).expanduser().resolve())
-    config = config_for_store(load_config(args.config), store)
+    config = config_for_store(command_config(args, store), store)
     serving = serving_config(model_path, config, max_edits=args.max_edits,
                              max_keys=args.max_keys, max_rank=args.max_rank,
                              request_log=args.request_log,
@@ -197,11 +197,23 @@ def prepare(args, extra: list[str]) -> tuple[list[str], dict]:
     return build_command(kwargs, args.host, args.port, extra), env
 
 
+def describe_routing(config: dict) -> str:
+    """One line on how requests are routed, from a config's dict (`SolaConfig.to_dict`)."""
+    edit, router = config["edit"], config["router"]
+    pool = "last-token" if edit["key_pool"] == "last" else f"{edit['key_pool']}-pooled"
+    layer = "the first edited layer" if edit["route_layer"] is None else \
+        f"layer {edit['route_layer']}"
+    mapped = f" under key map {router['key_map']}" if router["key_map"] else ""
+    return (f"{pool} keys entering {layer}{mapped}, {router['metric']} distance < "
+            f"{router['threshold']:.4g}")
+
+
 def serve(args, extra: list[str]) -> dict:
     """Replace this process with the vLLM server (returns only on error)."""
     cmd, env = prepare(args, extra)
     guard = "admin token required" if env.get(ADMIN_TOKEN_ENV) else "no admin token: loopback"
     print(f"sola-vllm: serving {cmd[4]} on http://{args.host}:{args.port} "
-          f"(edit store {env[STORE_ENV]}; edit API: {guard})", file=sys.stderr, flush=True)
+          f"(edit store {env[STORE_ENV]}; edit API: {guard}; routing: "
+          f"{describe_routing(json.loads(env[CONFIG_ENV]))})", file=sys.stderr, flush=True)
     os.execve(sys.executable, cmd, env)
     raise OSError(f"cannot start {sys.executable}")  # execve returns only by raising

@@ -1,0 +1,100 @@
+"""The configuration a `sola-vllm` command runs when it is given no `--config`.
+
+A model may have a recommended configuration, shipped in `sola_vllm/maps/` and listed in
+`RECOMMENDED`: one whose key map was fitted on that model's weights (the map's
+`model_fingerprint`). The default model's is `smollm2-135m-instruct-mean-l6`: mean-pooled keys
+entering layer 6 under a fitted map. Issue 4 measured it against last-token keys on the zsRE
+test split at T = 1000, with reliability 1.000 and locality 1.000 for both: generality 0.062
+(last-token) against 0.544 on the full stream and 0.801 with one record per subject
+(`benchmarks/edit_quality.md`). Any other model gets `SolaConfig()`: last-token keys, which need
+no fitted map.
+
+An edit store that already holds edits keeps the configuration its keys were read with (as
+does an edit imported into an empty store): the recommended one when the edits' key reading
+matches it and they were trained on the map's model, else `SolaConfig()` (whose edit shape then
+follows the store, `commands.config_for_store`). So a store trained under the old default still
+serves as it was trained, and the choice never needs the model's weights when edits decide.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import SolaConfig
+from .edit import Edit
+from .key_map import SHIPPED, KeyMap
+from .store import EditStore
+
+# shipped configurations that are their model's default (first match wins)
+RECOMMENDED = ("smollm2-135m-instruct-mean-l6",)
+LAST_TOKEN = "last-token"  # shipped too: SolaConfig() itself, by name (`--config last-token`)
+
+
+@dataclass(frozen=True)
+class DefaultChoice:
+    name: str  # a shipped configuration's name, or LAST_TOKEN
+    config: SolaConfig
+    reason: str  # why this one, for logs and --json output
+
+
+def shipped_config(name: str) -> SolaConfig:
+    """A configuration shipped in `sola_vllm/maps/` (`<name>.json`)."""
+    return SolaConfig.from_dict(json.loads((SHIPPED / f"{name}.json").read_text()))
+
+
+def default_config(model: str | Path | None, store: EditStore | None = None,
+                   edit: Edit | None = None) -> DefaultChoice:
+    """The configuration for `model` (None: the default model) serving or training into `store`.
+
+    Edits decide when there are any: the store's first readable edit, else `edit` (one about
+    to be imported), by their key reading and the model they were trained on. Otherwise the
+    model's weights do (their fingerprint against each recommended map's)."""
+    trained = _stored_edit(store) or (edit.metadata() if edit is not None else None)
+    if trained is not None:
+        reading = _edit_reading(trained)
+        for name in RECOMMENDED:
+            config = shipped_config(name)
+            fitted_on = _map_model(config)
+            same_model = fitted_on is None or fitted_on == trained.get("model_fingerprint")
+            if _reading(config) == reading and same_model:
+                return DefaultChoice(name, config, f"the edits were read as {name} reads keys")
+        return DefaultChoice(LAST_TOKEN, SolaConfig(), "no recommended configuration reads keys "
+                             "as the edits were read")
+    from .models import model_fingerprint, resolve_model
+
+    fingerprint = model_fingerprint(resolve_model(model))
+    for name in RECOMMENDED:
+        config = shipped_config(name)
+        if _map_model(config) == fingerprint:
+            return DefaultChoice(name, config, "recommended for this model (its key map was "
+                                               "fitted on these weights)")
+    return DefaultChoice(LAST_TOKEN, SolaConfig(), "no recommended configuration for this "
+                         "model: last-token keys")
+
+
+def _reading(config: SolaConfig) -> tuple[str, int | None]:
+    return config.edit.key_pool, config.edit.route_layer
+
+
+def _edit_reading(meta: dict) -> tuple[str, int | None]:
+    """(key_pool, route_layer) of an edit's metadata or store summary; route_layer None when it
+    is the first edited layer (one spelling of the default)."""
+    route_layer = meta.get("route_layer")
+    if route_layer is not None and route_layer == min(meta["layers"]):
+        route_layer = None
+    return meta.get("key_pool", "last"), route_layer
+
+
+def _map_model(config: SolaConfig) -> str | None:
+    if config.router.key_map is None:
+        return None
+    return KeyMap.load(config.router.key_map).info.get("model_fingerprint")
+
+
+def _stored_edit(store: EditStore | None) -> dict | None:
+    """The summary of the store's first readable edit; None if it has none."""
+    if store is None or not store.exists():
+        return None
+    return next((s for s in store.list() if "layers" in s), None)
