@@ -489,7 +489,11 @@ def fit_metric(args) -> dict:
                      f"{cal['own_threshold']:.4g}{fitted}): paraphrase hit "
                      f"{cal['paraphrase_hit']:.3f}, "
                      f"hard negatives routed {cal['hard_negative_routed']:.3f}, unrelated "
-                     f"routed {cal['unrelated_routed']:.3f} ({cal['keys']} keys)")
+                     f"routed {cal['unrelated_routed']:.3f}"
+                     + ("" if cal.get("other_relation_routed") is None else
+                        f", same-subject other-relation routed "
+                        f"{cal['other_relation_routed']:.3f}")
+                     + f" ({cal['keys']} keys)")
     return {**result, "text": "\n".join(lines)}
 
 

@@ -84,6 +84,25 @@ def test_counterfact_cases_are_counterfactual_and_probes_are_sound():
     assert all(c.split == "test" for c in data.stream("test"))
 
 
+def test_other_relation_probes_never_ask_a_question_the_subject_has_a_fact_for():
+    """ROME's relations share templates ("{} is developed by") and some subjects have facts in
+    several relations: such a probe would be one of the subject's own records' prompts."""
+    raw = json.loads(ROME.read_text())
+    templates, facts = defaultdict(set), defaultdict(set)
+    for r in raw:
+        templates[r["relation_id"]].add(r["template"])
+        facts[r["subject"].strip()].add(r["relation_id"])
+    data = load(ROME)
+    own_prompts = {c.subject: set() for c in data.cases}
+    for c in data.cases:
+        own_prompts[c.subject] |= {t.format(c.subject) for x in facts[c.subject]
+                                   for t in templates[x]}
+    probes = [(c, p) for c in data.cases for p in c.other_relation]
+    assert len(probes) > 2 * len(data.cases)  # up to 3 per record, a few dropped
+    assert not [p for c, p in probes if p in own_prompts[c.subject]]
+    assert any(len(facts[c.subject]) > 1 for c in data.cases)  # the case exists in the file
+
+
 def _case(subject, target, i=0):
     return EditCase(id=f"x-{i}", prompt=f"q about {subject}?", target=target, subject=subject,
                     split="test")

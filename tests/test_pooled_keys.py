@@ -302,3 +302,22 @@ def test_the_shipped_configuration_fits_the_default_model(default_model_path):
     assert config.router.threshold == key_map.threshold
     # fitted and calibrated without test data
     assert all(cal["split"] == "dev" for cal in key_map.info["calibration"])
+
+
+def test_same_subject_other_relation_prompts_bind_the_calibrated_threshold():
+    from pathlib import Path
+
+    import torch
+
+    from sola_vllm.eval.fit_map import DevDistances
+
+    far = torch.full((100,), 0.5)
+    without = DevDistances("cf", Path("x"), 10, torch.zeros(4), [True] * 4, far, far)
+    other = torch.cat([torch.full((1,), 0.01), torch.full((99,), 0.04)])
+    with_group = DevDistances("cf", Path("x"), 10, torch.zeros(4), [True] * 4, far, far, other)
+    assert without.threshold(0.99) == 0.5
+    assert with_group.threshold(0.99) == pytest.approx(0.04)  # one of 100 (0.01) may route
+    assert with_group.threshold(1.0) == pytest.approx(0.01)  # none may
+    report = with_group.report(0.04, 0.04, 0.99)
+    assert report["other_relation_routed"] == pytest.approx(0.01)
+    assert without.report(0.5, 0.5, 0.99)["other_relation_routed"] is None

@@ -142,6 +142,9 @@ def _counterfact(path: Path, records: list, seed: int = 0) -> Dataset:
         by_rel[r["relation_id"]].append({**r, "_index": i})
     templates = {rel: sorted({r["template"] for r in rs}) for rel, rs in by_rel.items()}
     relations = sorted(by_rel)
+    facts_of: dict[str, set[str]] = defaultdict(set)  # subject -> relations it has a fact in
+    for r in records:
+        facts_of[r["subject"].strip()].add(r["relation_id"])
     cases, skipped = [], []
     for i, r in enumerate(records):
         rel, subject = r["relation_id"], r["subject"].strip()
@@ -155,8 +158,15 @@ def _counterfact(path: Path, records: list, seed: int = 0) -> Dataset:
         neighbours = [o["template"].format(o["subject"]) for o in picked]
         para = [t.format(subject) for t in templates[rel] if t != r["template"]][:3]
         other_rels = [x for x in relations if x != rel]
-        other_relation = [rng.choice(templates[x]).format(subject)
-                          for x in rng.sample(other_rels, min(3, len(other_rels)))]
+        drawn = [(x, rng.choice(templates[x]))
+                 for x in rng.sample(other_rels, min(3, len(other_rels)))]
+        # kept: relations the subject has no fact in, worded by templates none of its relations
+        # use (ROME's relations share some, e.g. "{} is developed by"); otherwise a probe is one
+        # of its records' prompts or paraphrases, not another question about it. Dropped after
+        # drawing, so every later draw (targets, neighbours) stays as it was
+        own = {t for x in facts_of[subject] for t in templates[x]}
+        other_relation = [t.format(subject) for x, t in drawn
+                          if x not in facts_of[subject] and t not in own]
         cases.append(EditCase(
             id=f"cf-{i:04d}", prompt=r["template"].format(subject), target=rng.choice(objects),
             subject=subject, split=split_of(subject), paraphrases=tuple(para),

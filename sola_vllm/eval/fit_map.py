@@ -14,11 +14,13 @@ each other's negatives). The map is fitted contrastively (`metric_study.fit_line
 
 Calibration (`--calibrate`, one or more benchmark files; their dev splits), per file: the
 records of the first half of its subjects (file order) become keys, the other half's prompts
-are hard negatives (same style, other subjects) and every dev locality prompt an unrelated
-negative. A file's threshold is the largest that keeps `--keep` of each negative group
-unrouted (each group separately, so easy unrelated prompts cannot hide hard false fires); the
-map's threshold is the smallest over the files. The report gives, per file, the keyed
-records' paraphrase hit rate at the map's threshold (routed to a key of its own subject), and
+are hard negatives (same style, other subjects), every dev locality prompt an unrelated
+negative, and the keyed subjects' other-relation prompts (CounterFact-style data: the same
+subject asked another question) same-subject negatives. A file's threshold is the largest
+that keeps `--keep` of each negative group unrouted (each group separately, so easy unrelated
+prompts cannot hide hard false fires); the map's threshold is the smallest over the files.
+The report gives, per file, the keyed records' paraphrase hit rate at the map's threshold
+(routed to a key of its own subject), the share of each negative group routed, and
 whether the file's dev pairs also fitted the map (`fitted_on`: its own threshold then reads
 optimistic, so calibrate on another file too). Both land in the map file's metadata
 (`calibration`: one entry per file).
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -112,8 +114,9 @@ def calibrate(engine, key_map: KeyMap, paths: list[Path], keep: float,
 class DevDistances:
     """Nearest-key distances on one benchmark's dev split: half its subjects' prompts are the
     keys; their paraphrases (`own_subject`: whether the nearest key is of the paraphrase's
-    own subject), the other half's prompts (hard negatives) and the locality prompts
-    (unrelated) are the queries."""
+    own subject), the other half's prompts (hard negatives), the locality prompts (unrelated)
+    and the keyed subjects' other-relation prompts (same subject, another question; only
+    CounterFact-style data has them) are the queries."""
     data: str
     path: Path
     keys: int
@@ -121,6 +124,7 @@ class DevDistances:
     own_subject: list[bool]
     hard: torch.Tensor
     unrelated: torch.Tensor
+    other_relation: torch.Tensor = field(default_factory=lambda: torch.empty(0))
 
     @classmethod
     def measure(cls, engine, key_map: KeyMap, path: Path) -> DevDistances:
@@ -152,13 +156,13 @@ class DevDistances:
                        for i, c in zip(index, keyed, strict=True)]
         return cls(data.name, path, len(keyed), paraphrase, own_subject,
                    nearest([c.prompt for c in held_out])[0],
-                   nearest([c.locality[0] for c in cases if c.locality])[0])
+                   nearest([c.locality[0] for c in cases if c.locality])[0],
+                   nearest([p for c in keyed for p in c.other_relation])[0])
 
     def threshold(self, keep: float) -> float:
         """The largest threshold that keeps `keep` of each negative group unrouted."""
-        return min(suggest_threshold(self.hard.tolist(), keep),
-                   suggest_threshold(self.unrelated.tolist(), keep) if len(self.unrelated)
-                   else 2.0)
+        groups = (self.hard, self.unrelated, self.other_relation)
+        return min(suggest_threshold(g.tolist(), keep) if len(g) else 2.0 for g in groups)
 
     def report(self, threshold: float, own_threshold: float, keep: float) -> dict:
         hit = (self.paraphrase < threshold) & torch.tensor(self.own_subject)
@@ -167,7 +171,10 @@ class DevDistances:
                 "hard_negatives": len(self.hard), "unrelated_negatives": len(self.unrelated),
                 "paraphrase_hit": float(hit.float().mean()),
                 "hard_negative_routed": float((self.hard < threshold).float().mean()),
-                "unrelated_routed": float((self.unrelated < threshold).float().mean())}
+                "unrelated_routed": float((self.unrelated < threshold).float().mean()),
+                "other_relation_negatives": len(self.other_relation),
+                "other_relation_routed": (float((self.other_relation < threshold).float().mean())
+                                          if len(self.other_relation) else None)}
 
 
 def fit_metric_command(args, open_engine, command_config) -> dict:

@@ -1,0 +1,122 @@
+"""Same subject, other relation: does a prompt that names an edited subject but asks another
+question route to that subject's edit? (Issue 4: "a prompt that mentions the subject but asks
+a different relation must stay unrouted".)
+
+Reads an evaluated CounterFact store (`sola-vllm eval --data rome_known_1000.json --out DIR`
+keeps it under `DIR/edits/`), makes every edit of the stream active, and routes, on the
+reported split:
+- other-relation prompts: each edit's subject put into the templates of other relations (the
+  `other_relation` probes of `eval.data`): the share routed at all, and to the subject's own
+  edit;
+- neighbours (the same relation asked of other subjects; CounterFact's locality prompts) and
+  paraphrases (to their own edit or one with the same answer), for context.
+Then, at the configuration's own threshold, the other-relation prompts that route are
+generated (12 greedy tokens, as the eval's locality) with their edit and with none: the share
+of all other-relation prompts whose output changes (an unrouted prompt runs the base model
+exactly, so it cannot change), i.e. 1 - the subject's locality.
+
+    .venv/bin/python benchmarks/subject_locality.py --data ../shared/data/rome_known_1000.json \
+        --eval-dir sola-eval [--config last-token] [--thresholds 0.170 0.142]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without an installed sola_vllm
+    sys.path.insert(0, str(ROOT))
+
+from sola_vllm.commands import load_config  # noqa: E402
+from sola_vllm.engine import RoutedEngine  # noqa: E402
+from sola_vllm.eval.harness import EvalConfig  # noqa: E402
+from sola_vllm.eval.stored import store_parser, stored_stream  # noqa: E402
+
+
+def routed_to(nearest, threshold: float) -> list[str | None]:
+    return [r.edit_id if r.edit_id is not None and r.distance < threshold else None
+            for r in nearest]
+
+
+def fraction(flags) -> float:
+    flags = list(flags)
+    return round(sum(map(float, flags)) / len(flags), 6) if flags else float("nan")
+
+
+def measure(groups: dict, routes: dict, by_id: dict) -> dict:
+    other, para, neighbours = groups["other"], groups["para"], groups["neighbours"]
+    return {
+        "other_relation_routed": fraction(x is not None for x in routes["other"]),
+        "other_relation_to_own_subject": fraction(
+            x is not None and by_id[x].subject == c.subject
+            for (c, _), x in zip(other, routes["other"])),
+        "neighbours_routed": fraction(x is not None for x in routes["neighbours"]),
+        "paraphrase_to_own_or_same_answer": fraction(
+            x is not None and (x == c.id or by_id[x].target == c.target)
+            for (c, _), x in zip(para, routes["para"])),
+        "n": {"other_relation": len(other), "neighbours": len(neighbours),
+              "paraphrases": len(para)},
+    }
+
+
+def changed_outputs(engine, other: list, routes: list, tokens: int = 12) -> dict:
+    """Generate the routed prompts with their edits, then with every edit revoked (the base
+    model); the share of all `other` prompts whose greedy tokens differ."""
+    routed = [p for (_, p), x in zip(other, routes) if x is not None]
+    edited = [g.token_ids for g in engine.generate(routed, tokens)] if routed else []
+    engine.set_states(dict.fromkeys(engine.edits, "revoked"))
+    base = [g.token_ids for g in engine.generate(routed, tokens)] if routed else []
+    changed = sum(a != b for a, b in zip(edited, base, strict=True))
+    return {"n": len(other), "routed": len(routed), "changed_count": changed,
+            "changed": round(changed / len(other), 6), "tokens": tokens}
+
+
+def main() -> None:
+    ap = store_parser(__doc__.split("\n")[0])
+    ap.add_argument("--thresholds", type=float, nargs="+", default=None,
+                    help="default: the configuration's own")
+    args = ap.parse_args()
+    config = load_config(args.config)
+    cfg = EvalConfig(data=args.data, edits=args.edits, out=args.eval_dir, view=args.view,
+                     config=config)
+    try:
+        data, stream, edits = stored_stream(cfg)
+    except ValueError as exc:
+        sys.exit(str(exc))
+    cases = [c for c in stream if c.split == cfg.split]
+    groups = {"other": [(c, p) for c in cases for p in c.other_relation],
+              "para": [(c, p) for c in cases for p in c.paraphrases],
+              "neighbours": [p for c in cases for p in c.neighbours]}
+    if not groups["other"]:
+        sys.exit(f"{args.data}: no other-relation prompts (CounterFact-style data has them)")
+    engine = RoutedEngine.from_pretrained(None, config)
+    engine.add_all(edits)
+    nearest = {k: engine.nearest(queries=engine.key_queries(
+        [p if isinstance(p, str) else p[1] for p in v], 64)) for k, v in groups.items()}
+    by_id = {c.id: c for c in stream}
+    rows = {}
+    for threshold in args.thresholds or [config.router.threshold]:
+        routes = {k: routed_to(v, threshold) for k, v in nearest.items()}
+        rows[f"{threshold:g}"] = {"threshold": threshold, **measure(groups, routes, by_id)}
+        print(f"{engine.shape.describe_keys()}, threshold {threshold:.4g}: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in rows[f"{threshold:g}"].items()
+            if k not in ("n", "threshold")), flush=True)
+    changed = changed_outputs(engine, groups["other"],
+                              routed_to(nearest["other"], config.router.threshold))
+    print(f"other-relation outputs changed at threshold {config.router.threshold:.4g}: "
+          f"{changed['changed']:.3f} ({changed['routed']} routed of {changed['n']})", flush=True)
+    name = Path(str(args.config)).stem
+    out = args.out or ROOT / "benchmarks" / "results" / f"subject_locality_{data.name}_{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "benchmark": "subject_locality", "data": str(args.data), "eval_dir": str(args.eval_dir),
+        "config": str(args.config), "keys": engine.shape.describe_keys(), "split": cfg.split,
+        "edits": len(stream), "rows": rows, "other_relation_outputs": changed},
+        indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
