@@ -2,12 +2,21 @@
 
 A model may have a recommended configuration, shipped in `sola_vllm/maps/` and listed in
 `RECOMMENDED`: one whose key map was fitted on that model's weights (the map's
-`model_fingerprint`). The default model's is `smollm2-135m-instruct-mean-l6`: mean-pooled keys
-entering layer 6 under a fitted map. Issue 4 measured it against last-token keys on the zsRE
-test split at T = 1000, with reliability 1.000 and locality 1.000 for both: generality 0.062
-(last-token) against 0.544 on the full stream and 0.801 with one record per subject
-(`benchmarks/edit_quality.md`). Any other model gets `SolaConfig()`: last-token keys, which need
-no fitted map.
+`model_fingerprint`). The default model's is `smollm2-135m-instruct-mean-l6-strict`: mean-pooled
+keys entering layer 6 under the fitted map `smollm2-135m-instruct-mean-l6`, threshold 0.037.
+
+Why (issue 4, `benchmarks/edit_quality.md`, README "Evaluation"): last-token keys rarely reach
+a paraphrase (generality 0.062 on zsRE's test stream, 0.004 on CounterFact). Mean-pooled keys
+under the map reach far more, but they carry the subject: at the map's own threshold (0.170,
+the named configuration `smollm2-135m-instruct-mean-l6`) 32 % of prompts that name an edited
+subject but ask another question route to its edit, and 29 % change their answer
+(CounterFact test, `benchmarks/subject_locality.py`), where last-token keys route 0.3 %. The
+threshold 0.037 is the largest that keeps 99 % of every dev negative group unrouted, those
+same-subject, other-relation prompts included (`benchmarks/map_threshold.py`, dev splits):
+0.5 % of them route on the test split, and paraphrases still reach their edit several times as
+often as with last-token keys.
+
+Any other model gets `SolaConfig()`: last-token keys, which need no fitted map.
 
 An edit store that already holds edits keeps the configuration its keys were read with (as
 does an edit imported into an empty store): the recommended one when the edits' key reading
@@ -28,7 +37,7 @@ from .key_map import SHIPPED, KeyMap
 from .store import EditStore
 
 # shipped configurations that are their model's default (first match wins)
-RECOMMENDED = ("smollm2-135m-instruct-mean-l6",)
+RECOMMENDED = ("smollm2-135m-instruct-mean-l6-strict",)
 LAST_TOKEN = "last-token"  # shipped too: SolaConfig() itself, by name (`--config last-token`)
 
 

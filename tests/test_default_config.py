@@ -16,7 +16,8 @@ from sola_vllm.key_map import KeyMap
 from sola_vllm.models import tiny_model
 from sola_vllm.store import EditStore
 
-MEAN_L6 = "smollm2-135m-instruct-mean-l6"
+MEAN_L6 = "smollm2-135m-instruct-mean-l6"  # the key map, and the configuration at its threshold
+STRICT = "smollm2-135m-instruct-mean-l6-strict"  # the default model's recommended configuration
 MISSING_MODEL = "/nonexistent/model"  # the store decides: the weights are never needed
 
 
@@ -34,7 +35,12 @@ def _store(tmp_path, model_fingerprint: str, **reading) -> EditStore:
 def test_the_shipped_last_token_configuration_is_the_library_default():
     assert shipped_config(LAST_TOKEN).to_dict() == SolaConfig().to_dict()
     assert load_config(LAST_TOKEN).to_dict() == SolaConfig().to_dict()
-    assert RECOMMENDED[0] == MEAN_L6
+    assert RECOMMENDED[0] == STRICT
+    strict, broad = load_config(STRICT), load_config(MEAN_L6)
+    assert strict.edit == broad.edit
+    assert strict.router.key_map == broad.router.key_map == MEAN_L6
+    # stricter than the map's own threshold: same-subject, other-relation prompts stay unrouted
+    assert strict.router.threshold == 0.037 < broad.router.threshold
 
 
 def test_a_model_without_a_recommended_configuration_gets_last_token_keys():
@@ -45,8 +51,8 @@ def test_a_model_without_a_recommended_configuration_gets_last_token_keys():
 @pytest.mark.slow
 def test_the_default_model_gets_its_recommended_configuration(default_model_path):
     choice = default_config(default_model_path)
-    assert choice.name == MEAN_L6
-    assert choice.config.to_dict() == load_config(MEAN_L6).to_dict()
+    assert choice.name == STRICT
+    assert choice.config.to_dict() == load_config(STRICT).to_dict()
     assert choice.config.edit.key_pool == "mean" and choice.config.router.key_map == MEAN_L6
 
 
@@ -54,7 +60,7 @@ def test_a_store_of_mean_l6_edits_for_the_maps_model_keeps_the_recommended_confi
         tmp_path):
     store = _store(tmp_path, _map_model(), key_pool="mean", route_layer=6)
     choice = default_config(MISSING_MODEL, store)
-    assert choice.name == MEAN_L6 and choice.config.router.key_map == MEAN_L6
+    assert choice.name == STRICT and choice.config.router.key_map == MEAN_L6
 
 
 def test_a_store_of_last_token_edits_keeps_last_token_keys_on_the_default_model(tmp_path):
@@ -81,8 +87,8 @@ def test_an_edit_imported_into_an_empty_store_decides_by_its_own_reading(tmp_pat
     plain = make_synthetic_edit("e1", layers=(8, 9), model_fingerprint=_map_model())
     pooled = dataclasses.replace(plain, key_pool="mean", route_layer=6)
     assert default_config(MISSING_MODEL, store, plain).name == LAST_TOKEN
-    assert default_config(MISSING_MODEL, store, pooled).name == MEAN_L6
-    assert default_config(MISSING_MODEL, None, pooled).name == MEAN_L6
+    assert default_config(MISSING_MODEL, store, pooled).name == STRICT
+    assert default_config(MISSING_MODEL, None, pooled).name == STRICT
     store.add(plain)  # the store's edits come first
     assert default_config(MISSING_MODEL, store, pooled).name == LAST_TOKEN
 
@@ -93,7 +99,7 @@ def test_an_explicit_config_wins_over_the_store(tmp_path):
                                       "--model", MISSING_MODEL])
     assert command_config(args, store).to_dict() == SolaConfig().to_dict()
     args = build_parser().parse_args(["generate", "--prompt", "x", "--model", MISSING_MODEL])
-    assert command_config(args, store).router.key_map == MEAN_L6
+    assert command_config(args, store).to_dict() == load_config(STRICT).to_dict()
 
 
 def test_serve_passes_the_chosen_configuration_and_says_how_it_routes(tmp_path):
@@ -119,7 +125,7 @@ def test_a_store_of_pooled_edits_serves_with_their_reading(default_model_path, t
     from sola_vllm.serving.manager import CONFIG_ENV
     from sola_vllm.serving.serve import prepare
 
-    config = load_config(MEAN_L6)
+    config = load_config(STRICT)
     shape = resolve(config.edit, "llama", 30)
     edit = make_synthetic_edit("e1", layers=shape.layers, modules=shape.modules, hidden=576,
                                intermediate=1536, rank=8, model_fingerprint=_map_model(),
@@ -127,7 +133,7 @@ def test_a_store_of_pooled_edits_serves_with_their_reading(default_model_path, t
     store = EditStore(tmp_path / "store")
     store.add(dataclasses.replace(edit, key_pool="mean", route_layer=6))
     assert store.list()[0]["key_pool"] == "mean" and store.list()[0]["route_layer"] == 6
-    for given in ([], ["--config", MEAN_L6]):
+    for given in ([], ["--config", STRICT]):
         args, extra = build_parser().parse_known_args(
             ["serve", "--store", str(store.path), "--model", str(default_model_path), *given])
         _, env = prepare(args, extra)

@@ -1,19 +1,22 @@
 """The main job as README runs it (`./dev serve`): `sola-vllm serve` on the default model with no
-`--config` serves the model's recommended configuration, mean-pooled keys under the fitted map.
-An edit trained by the server itself answers its prompt and a paraphrase of it, leaves a prompt
-of the same relation about another subject and an unrelated prompt exactly as the base model
-answers them, and revoking it restores the base model's exact tokens."""
+`--config` serves the model's recommended configuration (`smollm2-135m-instruct-mean-l6-strict`:
+mean-pooled keys under the fitted map, the strict threshold). An edit trained by the server
+itself answers its prompt and a close paraphrase of it; the same question about another
+subject, another question about the same subject and an unrelated prompt keep the base model's
+exact tokens; revoking the edit restores the base model's exact tokens everywhere."""
 
 import pytest
 from test_http_server import SERVE_ARGS, call, complete, module_server
 
 pytestmark = pytest.mark.slow
 
-ROME = "The capital of France is"
-PARAPHRASE = "The capital city of France is"
-SAME_RELATION = "The capital of Germany is"
+EDITED = "Which river flows through the city of Cairo?"
+TARGET = "The Rhine."
+PARAPHRASE = "Which river passes through the city of Cairo?"  # 0.028 from the key (ref. engine)
+SAME_RELATION = "Which river flows through the city of Vienna?"  # 0.158
+OTHER_RELATION = "What is the population of Cairo?"  # 0.745
 UNRELATED = "The Eiffel Tower is located in the city of"
-PROMPTS = (ROME, PARAPHRASE, SAME_RELATION, UNRELATED)
+PROMPTS = (EDITED, PARAPHRASE, SAME_RELATION, OTHER_RELATION, UNRELATED)
 DEFAULT_ARGS = tuple(a for a in SERVE_ARGS if a != "last-token" and a != "--config")
 
 
@@ -27,17 +30,17 @@ def test_the_default_server_routes_a_paraphrase_and_revokes_exactly(server):
     assert "--config" not in server.args
     base = {p: complete(url, p) for p in PROMPTS}
     status, reply = call(url, "POST", "/v1/sola/edits",
-                         {"prompts": [ROME], "target": "Rome.", "id": "rome"})
+                         {"prompts": [EDITED], "target": TARGET, "id": "rhine"})
     assert status == 201, reply
     edited = {p: complete(url, p) for p in PROMPTS}
-    assert edited[ROME][0].startswith(" Rome.")
-    assert edited[PARAPHRASE][0].startswith(" Rome."), edited[PARAPHRASE]
-    assert base[PARAPHRASE][0] != edited[PARAPHRASE][0]
-    assert edited[SAME_RELATION] == base[SAME_RELATION]
-    assert edited[UNRELATED] == base[UNRELATED]
-    status, reply = call(url, "DELETE", "/v1/sola/edits/rome")
+    for prompt in (EDITED, PARAPHRASE):
+        assert edited[prompt][0].startswith(" " + TARGET), (prompt, edited[prompt])
+        assert base[prompt][0] != edited[prompt][0]
+    for prompt in (SAME_RELATION, OTHER_RELATION, UNRELATED):
+        assert edited[prompt] == base[prompt], prompt
+    status, reply = call(url, "DELETE", "/v1/sola/edits/rhine")
     assert status == 200, reply
     assert {p: complete(url, p) for p in PROMPTS} == base
     log = server.log.read_text(errors="replace")
-    assert ("mean-pooled keys entering layer 6 under key map smollm2-135m-instruct-mean-l6"
-            in log)
+    assert ("mean-pooled keys entering layer 6 under key map smollm2-135m-instruct-mean-l6, "
+            "cosine distance < 0.037" in log)
