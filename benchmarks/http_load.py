@@ -153,12 +153,14 @@ def routed_requests(server: Server) -> int:
 
 
 def default_serving():
-    """The ServingConfig `sola-vllm serve` runs with (same defaults, same model)."""
-    from sola_vllm.config import SolaConfig
+    """The ServingConfig `sola-vllm serve` runs with on an empty store (same default
+    configuration, `default_config`, same model)."""
+    from sola_vllm.default_config import default_config
     from sola_vllm.models import fetch_default_model
     from sola_vllm.serving.llm import serving_config
 
-    return serving_config(fetch_default_model(progress=False), SolaConfig())
+    model = fetch_default_model(progress=False)
+    return serving_config(model, default_config(model).config)
 
 
 # --- the sweep -----------------------------------------------------------------------------------

@@ -139,14 +139,15 @@ def throughput_section(data: dict | None) -> list[str]:
             "(greedy, `ignore_eos`), bf16, eager. Every configuration is measured in pairs with "
             "plain vLLM on the same prompts, alternating which runs first; ratios are within "
             "each pair.", ""]
-    targets = load("serving_throughput_targets.json")
-    if targets and targets.get("offline"):
-        out += ["### The targets, with repeated pairs", "",
-                f"`{targets.get('command')}`: each target configuration measured "
-                f"{targets['args'].get('repeats')} times, each time followed by plain vLLM; "
-                "the median pair ratio is the measurement, every pair is listed (a single "
-                "pair varies by several percent on this machine).", "",
-                *target_rows(targets["offline"]), "", *config_rows(targets["offline"]), ""]
+    for name, title in TARGET_RUNS:
+        targets = load(name)
+        if targets and targets.get("offline"):
+            out += [f"### {title}", "", *machine_lines(targets),
+                    f"Routing: {routing_line(targets)}. Each target configuration measured "
+                    f"{targets['args'].get('repeats')} times, each time followed by plain vLLM; "
+                    "the median pair ratio is the measurement, every pair is listed (a single "
+                    "pair varies by several percent on this machine).", "",
+                    *target_rows(targets["offline"]), "", *config_rows(targets["offline"]), ""]
     if data.get("offline"):
         note = f" Note: {data['note']}." if data.get("note") else ""
         out += ["### Offline (`LLM` engine), up to 10,000 edits", "",
@@ -169,6 +170,30 @@ def throughput_section(data: dict | None) -> list[str]:
     if plot(data):
         out += [f"![throughput vs resident edits](results/{PLOT.name})", ""]
     return out
+
+
+# runs of the throughput targets with repeated pairs: (file, section title)
+TARGET_RUNS = [
+    ("serving_throughput_targets.json",
+     "The targets, with repeated pairs (the default configuration)"),
+    ("serving_throughput_targets_last_token.json",
+     "The same targets with last-token keys (the default before pooled keys)"),
+]
+
+
+def routing_line(data: dict) -> str:
+    """How the run's plugin engine routed: from the configuration it recorded, or, for runs
+    from before it did, from its command (no --config then meant last-token keys)."""
+    from sola_vllm.serving.serve import describe_routing
+
+    offline = data.get("offline", {})
+    if "config" in offline:
+        named = f" (`{offline['config_name']}`)" if offline.get("config_name") else ""
+        return describe_routing(offline["config"]) + named
+    command = data.get("command", "")
+    if "--config" in command:
+        return f"`--config {command.split('--config', 1)[1].split()[0]}`"
+    return "last-token keys entering the first edited layer, cosine distance < 0.006"
 
 
 # later runs, each in its own file: (file, section title)

@@ -142,11 +142,16 @@ def start_sola(args, model: Path, unrelated, results: dict):
 
     top = max(args.edits)
     started = time.perf_counter()
-    config = None
     if args.config is not None:
         from sola_vllm.commands import load_config
 
         config = load_config(args.config)
+    else:  # what `sola-vllm serve` runs for this model
+        from sola_vllm.default_config import default_config
+
+        choice = default_config(model)
+        config, results["config_name"] = choice.config, choice.name
+    results["config"] = config.to_dict()
     sola = SolaLLM(model, config, max_edits=max(top, 1), max_keys=max(top, 1), **ENGINE)
     results["startup_sola_s"] = time.perf_counter() - started
     warm(sola.llm, unrelated, args)
@@ -273,7 +278,8 @@ def main() -> int:
                         help="smoke run: 0 and 20 edits, 8 requests of 8 tokens")
     parser.add_argument("--config", type=Path, default=None,
                         help="offline: sola-vllm options for the plugin's engine (a JSON file "
-                             "or a shipped name, e.g. smollm2-135m-instruct-mean-l6)")
+                             "or a shipped name, e.g. last-token; default: the model's "
+                             "recommended configuration, as `sola-vllm serve` picks it)")
     parser.add_argument("--out", type=Path, default=RESULTS / "serving_throughput.json")
     args = parser.parse_args()
     if args.quick:
