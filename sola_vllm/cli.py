@@ -24,10 +24,11 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help="base model folder (default: SmolLM2-135M-Instruct, fetched on demand)")
     p.add_argument("--config", default=None, type=Path,
                    help="JSON file with {edit:{...}, router:{...}, train:{...}} options, or the "
-                        "name of a shipped one (smollm2-135m-instruct-mean-l6, last-token); "
-                        "default: the model's recommended configuration (mean-pooled keys "
-                        "under a fitted map for SmolLM2-135M-Instruct, last-token keys for "
-                        "other models), or the one the store's edits were trained with")
+                        "name of a shipped one (smollm2-135m-instruct-mean-l6-strict, "
+                        "smollm2-135m-instruct-mean-l6, last-token); default: the model's "
+                        "recommended configuration (smollm2-135m-instruct-mean-l6-strict for "
+                        "SmolLM2-135M-Instruct, last-token keys for other models), or the one "
+                        "the store's edits were trained with")
 
 
 def _add_store(p: argparse.ArgumentParser, required: bool = True) -> None:

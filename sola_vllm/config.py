@@ -127,12 +127,18 @@ class RouterConfig:
     way: 0.252 on the 522 one-per-subject zsRE edits (generality 0.801 -> 0.926, locality
     1.000) and 0.142 on CounterFact (locality 0.980 -> 0.990), README "A threshold for the
     store".
-    It is what `sola-vllm` commands (serve, edit train, eval, ...) run on the default model when
-    given no `--config` (`default_config.py`: generality 0.062 -> 0.544 on zsRE's full test
-    stream, 0.801 with one record per subject, reliability and locality 1.000 both ways). It is
-    not this dataclass's default, which serves every model: a map is fitted for one model
-    (others have none yet), and mean keys turn vLLM's prefix caching off under Model Runner V2
-    (the V1 runner keeps it, with per-block state sums).
+    At that threshold a prompt that names an edited subject but asks another question routes
+    to its edit for 32 % of CounterFact's test prompts (`benchmarks/subject_locality.py`;
+    last-token keys: 0.3 %). So `sola-vllm` commands (serve, edit train, eval, ...) run the
+    default model, when given no `--config`, with `smollm2-135m-instruct-mean-l6-strict`
+    (`default_config.py`): the same keys and map at threshold 0.037, the largest that keeps
+    99 % of every dev negative group unrouted, those same-subject, other-relation prompts
+    included (`benchmarks/map_threshold.py`). On the test splits: generality 0.172 on zsRE's
+    full stream and 0.211 with one record per subject (last-token keys: 0.062; the map's
+    threshold: 0.544 and 0.801), other-relation prompts routed 0.5 %, reliability and locality
+    1.000. Neither is this dataclass's default, which serves every model: a map is fitted for
+    one model (others have none yet), and mean keys turn vLLM's prefix caching off under Model
+    Runner V2 (the V1 runner keeps it, with per-block state sums).
 
     `revoked_keys`: "drop" (default) removes a revoked edit's keys, as if it had never been
     added: its prompt may then route to the next nearest edit. "block" keeps them in the table,
