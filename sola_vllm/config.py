@@ -129,13 +129,13 @@ class RouterConfig:
     store".
     At that threshold a prompt that names an edited subject but asks another question routes
     to its edit for 32 % of CounterFact's test prompts (`benchmarks/subject_locality.py`;
-    last-token keys: 0.3 %). So `sola-vllm` commands (serve, edit train, eval, ...) run the
+    last-token keys: 0.2 %). So `sola-vllm` commands (serve, edit train, eval, ...) run the
     default model, when given no `--config`, with `smollm2-135m-instruct-mean-l6-strict`
     (`default_config.py`): the same keys and map at threshold 0.037, the largest that keeps
     99 % of every dev negative group unrouted, those same-subject, other-relation prompts
     included (`benchmarks/map_threshold.py`). On the test splits: generality 0.172 on zsRE's
     full stream and 0.211 with one record per subject (last-token keys: 0.062; the map's
-    threshold: 0.544 and 0.801), other-relation prompts routed 0.5 %, reliability and locality
+    threshold: 0.544 and 0.801), other-relation prompts routed 0.7 %, reliability and locality
     1.000. Neither is this dataclass's default, which serves every model: a map is fitted for
     one model (others have none yet), and mean keys turn vLLM's prefix caching off under Model
     Runner V2 (the V1 runner keeps it, with per-block state sums).

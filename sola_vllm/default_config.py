@@ -10,10 +10,10 @@ a paraphrase (generality 0.062 on zsRE's test stream, 0.004 on CounterFact). Mea
 under the map reach far more, but they carry the subject: at the map's own threshold (0.170,
 the named configuration `smollm2-135m-instruct-mean-l6`) 32 % of prompts that name an edited
 subject but ask another question route to its edit, and 29 % change their answer
-(CounterFact test, `benchmarks/subject_locality.py`), where last-token keys route 0.3 %. The
+(CounterFact test, `benchmarks/subject_locality.py`), where last-token keys route 0.2 %. The
 threshold 0.037 is the largest that keeps 99 % of every dev negative group unrouted, those
 same-subject, other-relation prompts included (`benchmarks/map_threshold.py`, dev splits).
-On the test splits 0.5 % of them route, and generality is 0.172 on zsRE's full stream (0.211
+On the test splits 0.7 % of them route, and generality is 0.172 on zsRE's full stream (0.211
 with one record per subject, 0.188 on CounterFact) against 0.062 (0.004) for last-token keys
 and 0.544 (0.801, 0.576) at the map's threshold; reliability and locality are 1.000.
 
