@@ -143,7 +143,9 @@ def throughput_section(data: dict | None) -> list[str]:
         targets = load(name)
         if targets and targets.get("offline"):
             out += [f"### {title}", "", *machine_lines(targets),
-                    f"Routing: {routing_line(targets)}. Each target configuration measured "
+                    f"Routing: {routing_line(targets)}. {targets['args'].get('requests')} "
+                    f"requests x {targets['args'].get('max_tokens')} output tokens. Each target "
+                    "configuration measured "
                     f"{targets['args'].get('repeats')} times, each time followed by plain vLLM; "
                     "the median pair ratio is the measurement, every pair is listed (a single "
                     "pair varies by several percent on this machine).", "",

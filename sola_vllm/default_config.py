@@ -46,7 +46,6 @@ LAST_TOKEN = "last-token"  # shipped too: SolaConfig() itself, by name (`--confi
 class DefaultChoice:
     name: str  # a shipped configuration's name, or LAST_TOKEN
     config: SolaConfig
-    reason: str  # why this one, for logs and --json output
 
 
 def shipped_config(name: str) -> SolaConfig:
@@ -69,19 +68,16 @@ def default_config(model: str | Path | None, store: EditStore | None = None,
             fitted_on = _map_model(config)
             same_model = fitted_on is None or fitted_on == trained.get("model_fingerprint")
             if _reading(config) == reading and same_model:
-                return DefaultChoice(name, config, f"the edits were read as {name} reads keys")
-        return DefaultChoice(LAST_TOKEN, SolaConfig(), "no recommended configuration reads keys "
-                             "as the edits were read")
+                return DefaultChoice(name, config)
+        return DefaultChoice(LAST_TOKEN, SolaConfig())
     from .models import model_fingerprint, resolve_model
 
     fingerprint = model_fingerprint(resolve_model(model))
     for name in RECOMMENDED:
         config = shipped_config(name)
         if _map_model(config) == fingerprint:
-            return DefaultChoice(name, config, "recommended for this model (its key map was "
-                                               "fitted on these weights)")
-    return DefaultChoice(LAST_TOKEN, SolaConfig(), "no recommended configuration for this "
-                         "model: last-token keys")
+            return DefaultChoice(name, config)  # its map was fitted on these weights
+    return DefaultChoice(LAST_TOKEN, SolaConfig())
 
 
 def _reading(config: SolaConfig) -> tuple[str, int | None]:
