@@ -27,21 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without an installed sola_vllm
     sys.path.insert(0, str(ROOT))
 
-from sola_vllm.commands import load_config  # noqa: E402
 from sola_vllm.config import REVOKED_KEYS, SolaConfig  # noqa: E402
 from sola_vllm.engine import RoutedEngine  # noqa: E402
-from sola_vllm.eval.harness import EvalConfig  # noqa: E402
-from sola_vllm.eval.stored import store_parser, stored_stream  # noqa: E402
-
-
-def routes_at(nearest, threshold: float) -> list[str | None]:
-    return [r.edit_id if r.edit_id is not None and r.distance < threshold else None
-            for r in nearest]
-
-
-def share(flags) -> float:
-    flags = list(flags)
-    return round(sum(map(float, flags)) / len(flags), 6) if flags else float("nan")
+from sola_vllm.eval.stored import open_stored, routes_at, share, store_parser  # noqa: E402
 
 
 def measure(engine, groups: dict, queries: dict, by_id: dict, threshold: float) -> dict:
@@ -76,13 +64,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="which half is revoked (eval --seed)")
     args = ap.parse_args()
 
-    config = load_config(args.config)
-    cfg = EvalConfig(data=args.data, edits=args.edits, out=args.eval_dir, view=args.view,
-                     config=config, seed=args.seed)
-    try:
-        data, stream, edits = stored_stream(cfg)
-    except ValueError as exc:
-        sys.exit(str(exc))
+    config, cfg, data, stream, edits = open_stored(args, seed=args.seed)
     revoked = set(random.Random(cfg.seed).sample([c.id for c in stream], len(stream) // 2))
     cases = [c for c in stream if c.split == cfg.split]
     groups = {"gone": [c for c in cases if c.id in revoked],

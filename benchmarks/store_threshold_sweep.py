@@ -28,15 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without an installed sola_vllm
     sys.path.insert(0, str(ROOT))
 
-from sola_vllm.commands import load_config  # noqa: E402
 from sola_vllm.engine import RoutedEngine  # noqa: E402
-from sola_vllm.eval.harness import EvalConfig  # noqa: E402
 from sola_vllm.eval.store_threshold import (  # noqa: E402
     StoreNegatives,
     group_thresholds,
     negative_distances,
 )
-from sola_vllm.eval.stored import store_parser, stored_stream  # noqa: E402
+from sola_vllm.eval.stored import open_stored, store_parser  # noqa: E402
 
 GRID = [round(0.06 + 0.01 * i, 2) for i in range(25)]  # 0.06 .. 0.30
 
@@ -53,13 +51,7 @@ def main() -> None:
                     help="mark the threshold eval --threshold-keep picks for each")
     args = ap.parse_args()
 
-    config = load_config(args.config)
-    cfg = EvalConfig(data=args.data, edits=args.edits, out=args.eval_dir, view=args.view,
-                     config=config)
-    try:
-        data, stream, edits = stored_stream(cfg)
-    except ValueError as exc:
-        sys.exit(str(exc))
+    config, cfg, data, stream, edits = open_stored(args)
     engine = RoutedEngine.from_pretrained(None, config)
     engine.add_all(edits)
     reported = [c for c in stream if c.split == cfg.split]

@@ -29,31 +29,19 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without an installed sola_vllm
     sys.path.insert(0, str(ROOT))
 
-from sola_vllm.commands import load_config  # noqa: E402
 from sola_vllm.engine import RoutedEngine  # noqa: E402
-from sola_vllm.eval.harness import EvalConfig  # noqa: E402
-from sola_vllm.eval.stored import store_parser, stored_stream  # noqa: E402
-
-
-def routed_to(nearest, threshold: float) -> list[str | None]:
-    return [r.edit_id if r.edit_id is not None and r.distance < threshold else None
-            for r in nearest]
-
-
-def fraction(flags) -> float:
-    flags = list(flags)
-    return round(sum(map(float, flags)) / len(flags), 6) if flags else float("nan")
+from sola_vllm.eval.stored import open_stored, routes_at, share, store_parser  # noqa: E402
 
 
 def measure(groups: dict, routes: dict, by_id: dict) -> dict:
     other, para, neighbours = groups["other"], groups["para"], groups["neighbours"]
     return {
-        "other_relation_routed": fraction(x is not None for x in routes["other"]),
-        "other_relation_to_own_subject": fraction(
+        "other_relation_routed": share(x is not None for x in routes["other"]),
+        "other_relation_to_own_subject": share(
             x is not None and by_id[x].subject == c.subject
             for (c, _), x in zip(other, routes["other"])),
-        "neighbours_routed": fraction(x is not None for x in routes["neighbours"]),
-        "paraphrase_to_own_or_same_answer": fraction(
+        "neighbours_routed": share(x is not None for x in routes["neighbours"]),
+        "paraphrase_to_own_or_same_answer": share(
             x is not None and (x == c.id or by_id[x].target == c.target)
             for (c, _), x in zip(para, routes["para"])),
         "n": {"other_relation": len(other), "neighbours": len(neighbours),
@@ -78,13 +66,7 @@ def main() -> None:
     ap.add_argument("--thresholds", type=float, nargs="+", default=None,
                     help="default: the configuration's own")
     args = ap.parse_args()
-    config = load_config(args.config)
-    cfg = EvalConfig(data=args.data, edits=args.edits, out=args.eval_dir, view=args.view,
-                     config=config)
-    try:
-        data, stream, edits = stored_stream(cfg)
-    except ValueError as exc:
-        sys.exit(str(exc))
+    config, cfg, data, stream, edits = open_stored(args)
     cases = [c for c in stream if c.split == cfg.split]
     groups = {"other": [(c, p) for c in cases for p in c.other_relation],
               "para": [(c, p) for c in cases for p in c.paraphrases],
@@ -98,13 +80,13 @@ def main() -> None:
     by_id = {c.id: c for c in stream}
     rows = {}
     for threshold in args.thresholds or [config.router.threshold]:
-        routes = {k: routed_to(v, threshold) for k, v in nearest.items()}
+        routes = {k: routes_at(v, threshold) for k, v in nearest.items()}
         rows[f"{threshold:g}"] = {"threshold": threshold, **measure(groups, routes, by_id)}
         print(f"{engine.shape.describe_keys()}, threshold {threshold:.4g}: " + ", ".join(
             f"{k} {v:.3f}" for k, v in rows[f"{threshold:g}"].items()
             if k not in ("n", "threshold")), flush=True)
     changed = changed_outputs(engine, groups["other"],
-                              routed_to(nearest["other"], config.router.threshold))
+                              routes_at(nearest["other"], config.router.threshold))
     print(f"other-relation outputs changed at threshold {config.router.threshold:.4g}: "
           f"{changed['changed']:.3f} ({changed['routed']} routed of {changed['n']})", flush=True)
     name = Path(str(args.config)).stem

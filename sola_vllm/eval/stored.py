@@ -1,5 +1,6 @@
 """An evaluated store, read back: what the benchmarks that reread an eval run share (the
-options naming the run, and the stream's trained `sola` edits, checked complete)."""
+options naming the run, the stream's trained `sola` edits, checked complete, and how they read
+routes off nearest keys)."""
 
 from __future__ import annotations
 
@@ -38,3 +39,32 @@ def stored_stream(cfg: EvalConfig):
         raise ValueError(f"{store.path}: {len(missing)} of the stream's edits are not trained "
                          f"(run sola-vllm eval first), e.g. {missing[:3]}")
     return data, stream, [by_id[c.id] for c in stream]
+
+
+def open_stored(args, **options):
+    """(config, EvalConfig, dataset, stream, edits) of the run `store_parser`'s options name
+    (`options`: more EvalConfig fields, e.g. seed); exits with the reason if it is incomplete."""
+    import sys
+
+    from ..commands import load_config
+
+    config = load_config(args.config)
+    cfg = EvalConfig(data=args.data, edits=args.edits, out=args.eval_dir, view=args.view,
+                     config=config, **options)
+    try:
+        data, stream, edits = stored_stream(cfg)
+    except ValueError as exc:
+        sys.exit(str(exc))
+    return config, cfg, data, stream, edits
+
+
+def routes_at(nearest, threshold: float) -> list[str | None]:
+    """The edit each nearest-key result routes to at `threshold` (None: no edit)."""
+    return [r.edit_id if r.edit_id is not None and r.distance < threshold else None
+            for r in nearest]
+
+
+def share(flags) -> float:
+    """The share of true flags, rounded to 6 places (NaN when there are none)."""
+    flags = list(flags)
+    return round(sum(map(float, flags)) / len(flags), 6) if flags else float("nan")
