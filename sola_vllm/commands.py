@@ -51,16 +51,14 @@ def command_config(args, store: EditStore | None = None, edit=None) -> SolaConfi
 def config_for_store(config: SolaConfig, store: EditStore | None) -> SolaConfig:
     """Serve a store with the layer set its edits were trained on and their keys read as
     they were (from the artifact headers, without loading the tensors)."""
-    if store is None or not store.exists():
+    summary = store.first_summary() if store is not None and store.exists() else None
+    if summary is None:
         return config
-    for summary in store.list():
-        if "layers" in summary and "modules" in summary:
-            edit = EditConfig(layers=tuple(summary["layers"]), modules=tuple(summary["modules"]),
-                              rank=config.edit.rank, scale=config.edit.scale,
-                              key_pool=summary.get("key_pool", "last"),
-                              route_layer=summary.get("route_layer"))
-            return SolaConfig(edit=edit, router=config.router, train=config.train)
-    return config
+    edit = EditConfig(layers=tuple(summary["layers"]), modules=tuple(summary["modules"]),
+                      rank=config.edit.rank, scale=config.edit.scale,
+                      key_pool=summary.get("key_pool", "last"),
+                      route_layer=summary.get("route_layer"))
+    return SolaConfig(edit=edit, router=config.router, train=config.train)
 
 
 def open_engine(model: str | None, config: SolaConfig, store: EditStore | None = None,

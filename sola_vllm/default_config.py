@@ -60,7 +60,8 @@ def default_config(model: str | Path | None, store: EditStore | None = None,
     Edits decide when there are any: the store's first readable edit, else `edit` (one about
     to be imported), by their key reading and the model they were trained on. Otherwise the
     model's weights do (their fingerprint against each recommended map's)."""
-    trained = _stored_edit(store) or (edit.metadata() if edit is not None else None)
+    stored = store.first_summary() if store is not None and store.exists() else None
+    trained = stored or (edit.metadata() if edit is not None else None)
     if trained is not None:
         reading = _edit_reading(trained)
         for name in RECOMMENDED:
@@ -98,9 +99,3 @@ def _map_model(config: SolaConfig) -> str | None:
         return None
     return KeyMap.load(config.router.key_map).info.get("model_fingerprint")
 
-
-def _stored_edit(store: EditStore | None) -> dict | None:
-    """The summary of the store's first readable edit; None if it has none."""
-    if store is None or not store.exists():
-        return None
-    return next((s for s in store.list() if "layers" in s), None)

@@ -135,6 +135,16 @@ class EditStore:
         """
         return [self._summary(rec) for rec in self._snapshot().records.values()]
 
+    def first_summary(self) -> dict | None:
+        """The summary of the first edit in journal order whose artifact header reads (what
+        every edit of a store shares: layer set, model, key reading); None if there is none.
+        Stops at that edit: the other headers are not read."""
+        for rec in self._snapshot().records.values():
+            summary = self._summary(rec)
+            if "problem" not in summary:
+                return summary
+        return None
+
     def history(self, edit_id: str) -> list[dict]:
         """Journal entries of one edit (seq, time, op, author, note, sha256 for "add")."""
         edit_id = _check_id(edit_id)

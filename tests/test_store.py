@@ -161,6 +161,15 @@ def test_store_created_with_pins_refuses_other_models(tmp_path):
         EditStore.create(tmp_path / "store")
 
 
+def test_first_summary_skips_artifacts_whose_header_does_not_read(tmp_path):
+    path = tmp_path / "store"
+    store = make_store(path)
+    assert EditStore.create(tmp_path / "empty").first_summary() is None
+    (path / "edits" / "a.safetensors").unlink()
+    assert "problem" in store.list()[0]
+    assert store.first_summary() == store.list()[1] and store.first_summary()["id"] == "b"
+
+
 def test_corrupt_artifact_reported_others_load(tmp_path):
     path = tmp_path / "store"
     store = make_store(path)
@@ -193,6 +202,7 @@ def test_missing_artifact_reported_others_load(tmp_path):
     with pytest.raises(StoreError, match="missing"):
         store.get("c")
     assert "problem" in store.list()[2] and "problem" not in store.list()[0]
+    assert store.first_summary() == store.list()[0]
     store.revoke("a")  # the store stays writable
     assert [e.id for e in store.active()] == ["b"]
 
