@@ -187,7 +187,7 @@ class SolaRuntime:
         slot = heapq.heappop(self.free_slots)
         rows = [self.free_key_rows.popleft() for _ in range(keys.shape[0])]
         self.lora.write(slot, edit.lora, edit.rank, float(edit.scale))
-        self.keys[rows] = keys
+        self.keys[rows] = keys.to(self.keys.device)  # RPCs and the store hand CPU keys
         self.slot_edit[slot] = edit.id
         self.hits[slot] = 0
         self.request_log.loaded(edit.id)
