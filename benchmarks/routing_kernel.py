@@ -31,13 +31,19 @@ THRESHOLD = {"l2": 0.5, "cosine": 1e-3}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+TAKES_KEY_NORMS = ("triton", "triton_tf32x3", "torch_mm")
+
+
 def providers(device: str) -> dict:
+    """name -> fn(queries, keys, owners, threshold, metric, **kw); those in TAKES_KEY_NORMS get
+    the squared key norms, computed once outside the timing (the router keeps them per change
+    of its keys: route_kernel.prepare_keys). The router ranks in "tf32x3"."""
     torch_ones = {"torch_cdist": nk.nearest_key_torch_cdist, "torch_mm": nk.nearest_key_torch_mm,
                   "torch_ref": nk.nearest_key_ref}
     if device != "cuda" or nk.triton is None:
         return torch_ones
     return {"triton": nk.nearest_key,
-            "triton_tf32x3": lambda *a: nk.nearest_key(*a, input_precision="tf32x3"),
+            "triton_tf32x3": lambda *a, **kw: nk.nearest_key(*a, **kw, input_precision="tf32x3"),
             **torch_ones}
 
 
@@ -78,10 +84,12 @@ def run_setup(setup: dict, provs: dict, args, device: str, peak_gbps: float | No
     want = nk.nearest_key_ref(*call)
     floor_bytes = setup["N"] * setup["d"] * 4  # every fp32 key read once
     rows = []
+    key_norms = keys.square().sum(1)
     for name, fn in provs.items():
-        got = fn(*call)
+        kw = {"key_norms": key_norms} if name in TAKES_KEY_NORMS else {}
+        got = fn(*call, **kw)
         agrees = bool(torch.equal(got[0], want[0]) and torch.equal(got[2], want[2]))
-        times = time_ms(lambda fn=fn: fn(*call), args.warmup, args.repeats, device)
+        times = time_ms(lambda fn=fn, kw=kw: fn(*call, **kw), args.warmup, args.repeats, device)
         median = statistics.median(times)
         gbps = floor_bytes / (median * 1e-3) / 1e9
         rows.append({"setup": setup, "provider": name, "agrees_with_ref": agrees,

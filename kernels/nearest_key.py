@@ -13,6 +13,7 @@ Imports only torch; triton is optional (without it `nearest_key` raises, the res
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -156,29 +157,64 @@ def _nearest_key_combine_kernel(
     tl.store(index_ptr + s, index)
 
 
+class Launch(NamedTuple):
+    """How `nearest_key` launches its partial kernel for one (S, N, d)."""
+    use_dot: bool
+    block_s: int
+    block_n: int
+    block_d: int
+    keys_per_split: int
+    num_splits: int
+    num_warps: int
+    num_stages: int
+
+
 @functools.lru_cache
-def _num_programs_target(device: torch.device) -> int:
+def _programs(device: torch.device, per_sm: int) -> int:
+    """Target number of programs in the grid: `per_sm` per multiprocessor on CUDA."""
     if device.type != "cuda":
         return 4  # the interpreter: few programs, yet several splits to exercise the merge
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _launch_config(num_queries: int, num_keys: int, dim: int, device: torch.device):
-    """(use_dot, BLOCK_S, BLOCK_N, BLOCK_D, keys_per_split, num_splits). tl.dot needs tiles of
-    16; below 16 queries the 3D broadcast path wastes no FLOPs on padded query rows."""
+def _tiles(num_queries: int, dim: int) -> dict:
+    """Tiles, warps, stages and programs per SM, from the sweep of
+    benchmarks/routing_kernel_tune.py on an H100 (results/routing_kernel_tune.json) where it
+    measured; the earlier heuristics elsewhere. tl.dot needs tiles of 16; below 16 queries the
+    3D broadcast path wastes no FLOPs on padded query rows."""
     pow2 = triton.next_power_of_2
-    use_dot = num_queries >= 16
-    if use_dot:
-        block_s, block_n, block_d = min(64, pow2(num_queries)), 64, max(16, min(64, pow2(dim)))
-    else:
-        block_s = pow2(num_queries)
-        block_d = min(128 if block_s <= 2 else 64, pow2(dim))
-        block_n = min(64, max(16, 8192 // (block_s * block_d)))  # 3D tile <= 8192 fp32
-    s_blocks = triton.cdiv(num_queries, block_s)
-    tiles = triton.cdiv(num_keys, block_n)
-    splits = max(1, min(tiles, _num_programs_target(device) // s_blocks))
-    keys_per_split = triton.cdiv(tiles, splits) * block_n
-    return use_dot, block_s, block_n, block_d, keys_per_split, triton.cdiv(num_keys, keys_per_split)
+    if num_queries >= 64:  # measured at S = 64: 1.16x over 64x64x64 tiles at 4 programs/SM
+        return dict(use_dot=True, block_s=64, block_n=128, block_d=max(16, min(32, pow2(dim))),
+                    num_warps=4, num_stages=3, programs_per_sm=2)
+    if num_queries >= 16:
+        return dict(use_dot=True, block_s=pow2(num_queries), block_n=64,
+                    block_d=max(16, min(64, pow2(dim))), num_warps=4, num_stages=3,
+                    programs_per_sm=4)
+    block_s = pow2(num_queries)
+    if block_s <= 2 and dim >= 1024:  # measured at d = 4096: 72 % of HBM bandwidth (60 before)
+        return dict(use_dot=False, block_s=block_s, block_n=32, block_d=256, num_warps=4,
+                    num_stages=2, programs_per_sm=8)
+    if block_s <= 2:  # measured at d = 576 and 64: 1.16x over 64x128 tiles at 4 programs/SM
+        return dict(use_dot=False, block_s=block_s, block_n=64, block_d=min(64, pow2(dim)),
+                    num_warps=4, num_stages=1, programs_per_sm=16)
+    block_d = min(64, pow2(dim))
+    return dict(use_dot=False, block_s=block_s, num_warps=4, num_stages=3, programs_per_sm=4,
+                block_n=min(64, max(16, 8192 // (block_s * block_d))), block_d=block_d)
+
+
+def _launch_config(num_queries: int, num_keys: int, dim: int, device: torch.device,
+                   **override) -> Launch:
+    """The partial kernel's tiles and grid (`_tiles`), each program streaming one key range
+    once. `override` (block_s, block_n, block_d, num_warps, num_stages, programs_per_sm) is for
+    benchmarks/routing_kernel_tune.py."""
+    tiles = {**_tiles(num_queries, dim), **override}
+    s_blocks = triton.cdiv(num_queries, tiles["block_s"])
+    key_tiles = triton.cdiv(num_keys, tiles["block_n"])
+    splits = max(1, min(key_tiles, _programs(device, tiles["programs_per_sm"]) // s_blocks))
+    keys_per_split = triton.cdiv(key_tiles, splits) * tiles["block_n"]
+    return Launch(tiles["use_dot"], tiles["block_s"], tiles["block_n"], tiles["block_d"],
+                  keys_per_split, triton.cdiv(num_keys, keys_per_split), tiles["num_warps"],
+                  tiles["num_stages"])
 
 
 def _check_inputs(queries, keys, owners, metric):
@@ -216,12 +252,13 @@ def _check_launch(queries, keys, owners, valid, key_norms, out, input_precision)
 
 
 def nearest_key(queries, keys, owners, threshold, metric="cosine", valid=None, key_norms=None,
-                *, out=None, input_precision="ieee"):
+                *, out=None, input_precision="ieee", launch_override=None):
     """Triton version of `nearest_key_ref`, same semantics and outputs:
     Semantics: n*[s] = argmin_n dist(q[s], k[n])   (ties -> the lowest key index n)
                edit[s] = owners[n*[s]] if valid[s] and dist(q[s], k[n*[s]]) < threshold else -1
     queries: fp32/fp16/bf16 [S, d]  keys: fp32 [N, d]  owners: int32/int64 [N]  valid: bool [S]
-    key_norms: fp32 [N] = keys.square().sum(1) or None (then computed in-kernel, nearly free)
+    key_norms: fp32 [N] = keys.square().sum(1) or None (then computed in-kernel: one more
+    reduction per key tile, which costs the cosine path bandwidth; the router passes them)
     out: optional preallocated (edit int32 [S], dist fp32 [S], index int64 [S]), written in place
     -> (edit, dist, index); dist inf and index -1 where skipped; all -1 (dist inf) when N == 0.
     Numerics: fp32 accumulation. With >= 16 queries keys are ranked by tl.dot: l2 through
@@ -233,6 +270,7 @@ def nearest_key(queries, keys, owners, threshold, metric="cosine", valid=None, k
     l2 expansion ~1e-7 * (|q|^2 + |k|^2) / dist; exact ties (duplicate keys) go to the lowest
     index on every path. Rows with valid False are computed, then masked.
     Graph-safe: no host sync; `threshold` is a Python float, baked into a captured graph.
+    launch_override: tiles and grid (see `_launch_config`), for benchmarks/routing_kernel_tune.py.
     """
     if triton is None:
         raise RuntimeError("nearest_key needs triton; use nearest_key_ref or nearest_key_torch_mm")
@@ -242,16 +280,19 @@ def nearest_key(queries, keys, owners, threshold, metric="cosine", valid=None, k
     (num_queries, dim), num_keys = queries.shape, keys.shape[0]
     if num_keys == 0 or num_queries == 0:
         return edit.fill_(-1), dist.fill_(float("inf")), index.fill_(-1)
-    use_dot, block_s, block_n, block_d, keys_per_split, splits = _launch_config(
-        num_queries, num_keys, dim, queries.device)
+    cfg = _launch_config(num_queries, num_keys, dim, queries.device, **(launch_override or {}))
+    splits = cfg.num_splits
     part_dist = queries.new_empty(num_queries, splits, dtype=torch.float32)  # scratch
     part_idx = queries.new_empty(num_queries, splits, dtype=torch.int32)
     is_l2 = metric == "l2"
-    _nearest_key_partial_kernel[(triton.cdiv(num_queries, block_s), splits)](
+    _nearest_key_partial_kernel[(triton.cdiv(num_queries, cfg.block_s), splits)](
         queries, keys, keys if key_norms is None else key_norms, part_dist, part_idx,
-        num_queries, num_keys, dim, keys_per_split, splits, *queries.stride(), *keys.stride(),
-        IS_L2=is_l2, HAS_KN=key_norms is not None and use_dot, USE_DOT=use_dot,
-        PRECISION=input_precision, BLOCK_S=block_s, BLOCK_N=block_n, BLOCK_D=block_d)
+        num_queries, num_keys, dim, cfg.keys_per_split, splits, *queries.stride(),
+        *keys.stride(), IS_L2=is_l2,
+        HAS_KN=key_norms is not None and (cfg.use_dot or not is_l2),
+        USE_DOT=cfg.use_dot, PRECISION=input_precision, BLOCK_S=cfg.block_s,
+        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     _nearest_key_combine_kernel[(num_queries,)](
         queries, keys, owners, owners if valid is None else valid, part_dist, part_idx, edit,
         dist, index, float(threshold), dim, splits, *queries.stride(), *keys.stride(),

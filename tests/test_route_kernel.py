@@ -74,7 +74,8 @@ def test_the_triton_router_routes_every_request_as_the_torch_router(metric, thre
         r.step = meta
         r.route(hidden.to(DEVICE))
     triton, torch_ = runtimes
-    assert triton.routed_keys(False)[2] is None  # no unit-key copy for the kernel
+    table, _, prepared = triton.routed_keys(False)
+    assert torch.equal(prepared, table.square().sum(1))  # key norms, no unit-key copy
     assert (torch_.routed_keys(False)[2] is None) == (metric == "l2")
     assert triton.routes == torch_.routes
     assert torch.equal(triton.tok_slot.cpu(), torch_.tok_slot.cpu())
@@ -101,7 +102,7 @@ def test_a_triton_router_that_routes_otherwise_stops_the_engine_at_start(monkeyp
     route_kernel.self_check(route_kernel.make_nearest("triton"), HIDDEN, DEVICE, metric, 0.01)
     kernels = route_kernel.kernels
 
-    def off_by_one(queries, keys, owners, threshold, metric, key_units=None):
+    def off_by_one(queries, keys, owners, threshold, metric, prepared=None):
         slot, dist, index = kernels.nearest_key(queries.contiguous(), keys, owners, threshold,
                                                 metric)
         return torch.where(slot >= 0, (slot + 1) % 5, slot), dist, index

@@ -22,6 +22,13 @@ from sola_vllm.kernels import nearest_key as kernels
 
 Nearest = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
+# The kernel's tl.dot ranking (16 or more key tokens in a step) runs as three TF32 tensor-core
+# products (~fp32): on an H100, 64 key tokens against 10^5 keys of 4096 took 1.3 ms against
+# 4.5 ms in full-fp32 "ieee", with the same routing on every case of
+# benchmarks/routing_kernel.py. The winner's distance, and so the threshold test, is
+# recomputed in fp32 by explicit differences on either path.
+RANKING_PRECISION = "tf32x3"
+
 
 class RouterCheckError(RuntimeError):
     """The Triton router disagrees with the torch reference on this machine."""
@@ -54,14 +61,27 @@ def choose_router(requested: str, device: torch.device | str) -> str:
     return requested
 
 
-def make_nearest(choice: str) -> Nearest:
-    """nearest(queries, keys, owners, threshold, metric, key_units) for the chosen router;
-    key_units (`unit_rows(keys)`, cosine) serve the torch search, the kernel normalizes itself."""
+def prepare_keys(choice: str, keys: torch.Tensor, metric: str) -> torch.Tensor | None:
+    """What the chosen search precomputes once per change of the routed keys: the unit keys
+    for the torch search (cosine), the squared key norms for the kernel (its cosine and tl.dot
+    paths then skip them; a few bytes per key), else None."""
     if choice == "torch":
-        return kernels.nearest_key_ref
+        return kernels.unit_rows(keys) if metric == "cosine" else None
+    return keys.square().sum(1)
 
-    def nearest(queries, keys, owners, threshold, metric, key_units=None):
-        return kernels.nearest_key(queries.contiguous(), keys, owners, threshold, metric)
+
+def make_nearest(choice: str) -> Nearest:
+    """nearest(queries, keys, owners, threshold, metric, prepared) for the chosen router;
+    prepared: `prepare_keys(choice, keys, metric)` or None (then computed in the search)."""
+    if choice == "torch":
+        def nearest(queries, keys, owners, threshold, metric, prepared=None):
+            return kernels.nearest_key_ref(queries, keys, owners, threshold, metric,
+                                           key_units=prepared)
+        return nearest
+
+    def nearest(queries, keys, owners, threshold, metric, prepared=None):
+        return kernels.nearest_key(queries.contiguous(), keys, owners, threshold, metric,
+                                   key_norms=prepared, input_precision=RANKING_PRECISION)
 
     return nearest
 

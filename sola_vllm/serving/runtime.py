@@ -40,8 +40,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sola_vllm.kernels.nearest_key import unit_rows
-
 from ..edit import STATES, Edit, mismatch
 from ..key_map import KeyMap
 from ..preflight import KeyGroup, check
@@ -49,7 +47,7 @@ from .apply_backend import Kernels, make_lora_backend
 from .config import ServingConfig
 from .pooling import MeanPooler
 from .provenance import RequestLog
-from .route_kernel import choose_router, make_nearest, self_check
+from .route_kernel import choose_router, make_nearest, prepare_keys, self_check
 
 UNDECIDED = -2
 MAX_PENDING_CAPTURES = 4096
@@ -281,22 +279,19 @@ class SolaRuntime:
         return self.routed_keys(opted_in=False)
 
     def routed_keys(self, opted_in: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(keys [N, k], owner slots [N], unit keys for cosine or None) a request routes among:
-        active edits' keys, plus canary edits' when it opts in, then revoked edits' keys owned
-        by -1 when they block (`revoked_keys`), mapped by the key map if there is one (k = its
-        width, else d). Rebuilt only after a change: a step with key tokens then only maps and
-        normalizes its queries."""
+        """(keys [N, k], owner slots [N], what the router precomputes of them (`prepare_keys`))
+        a request routes among: active edits' keys, plus canary edits' when it opts in, then
+        revoked edits' keys owned by -1 when they block (`revoked_keys`), mapped by the key map
+        if there is one (k = its width, else d). Rebuilt only after a change: a step with key
+        tokens then only maps and normalizes its queries."""
         if opted_in not in self._key_tables:
             owned = self.key_owner >= 0
             if not opted_in:
                 owned &= ~self.slot_canary[self.key_owner.clamp_min(0).long()]
             rows = torch.cat([owned.nonzero().squeeze(1), self._blocking_rows()])
             keys = self.mapped(self.keys[rows]).contiguous()
-            # unit keys serve the torch search only (the kernel normalizes in place): on CUDA a
-            # second copy of a large key table would cost as much memory as the table
-            cosine = self.config.metric == "cosine" and self.router == "torch"
-            units = unit_rows(keys) if cosine else None
-            self._key_tables[opted_in] = (keys, self.key_owner[rows].contiguous(), units)
+            prepared = prepare_keys(self.router, keys, self.config.metric)
+            self._key_tables[opted_in] = (keys, self.key_owner[rows].contiguous(), prepared)
         return self._key_tables[opted_in]
 
     def _blocking_rows(self) -> torch.Tensor:
@@ -435,10 +430,9 @@ class SolaRuntime:
                       opted_in: bool) -> None:
         """queries: raw fp32 [n_key, d], the queries of the key tokens `todo`."""
         step = self.step
-        keys, owners, units = self.routed_keys(opted_in)
+        keys, owners, prepared = self.routed_keys(opted_in)
         slots, dists, _ = self._nearest(self.mapped(queries), keys, owners,
-                                        self.config.threshold, self.config.metric,
-                                        key_units=units)
+                                        self.config.threshold, self.config.metric, prepared)
         for t, slot, dist in zip(todo, slots.tolist(), dists.tolist(), strict=True):
             req_id = step.req_ids[int(rows[t])]
             self.routes[req_id] = slot

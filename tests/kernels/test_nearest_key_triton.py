@@ -118,7 +118,7 @@ def test_tie_goes_to_the_lowest_key_index(metric, first, second, factor, num_que
     # 64-key tiles, 128-key splits: 3 and 4 share a tile, 5 and 100 a split, 200 is in another
     config = nk._launch_config(num_queries, num_keys, dim, torch.device(DEVICE))
     if DEVICE == "cpu":
-        assert config[2] == 64 and config[4] == 128 and config[5] == 3
+        assert (config.block_n, config.keys_per_split, config.num_splits) == (64, 128, 3)
     keys = torch.nn.functional.normalize(torch.randn(num_keys, dim), dim=1) * 3
     keys[second] = keys[first] * factor  # x2 is exact in fp32: a bitwise tie for cosine
     queries = keys[first] + 1e-3 * torch.randn(num_queries, dim)
@@ -195,6 +195,19 @@ def test_out_buffers_key_norms_and_strided_queries():
     assert all(g is o for g, o in zip(got, out))
     assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
     assert torch.equal(got[1], want[1])  # the winner's distance is recomputed the same way
+
+
+@pytest.mark.parametrize("num_queries", [1, 6, 20], ids=["S1", "S6", "S20-dot"])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_precomputed_key_norms_route_as_the_reference(metric, num_queries):
+    """The router passes squared key norms on every path (the broadcast cosine path then skips
+    its in-loop key reduction): routing and distances stay the reference's."""
+    queries, keys, owners, threshold, valid, _ = routing_case(num_queries, 300, 96, metric,
+                                                              torch.float32)
+    want = nearest_key_ref(queries, keys, owners, threshold, metric, valid)
+    args = [t.to(DEVICE) if t is not None else None for t in (queries, keys, owners, valid)]
+    got = nearest_key(*args[:3], threshold, metric, args[3], key_norms=args[1].square().sum(1))
+    assert_same_routing(got, want, torch.float32)
 
 
 def test_bad_arguments_are_refused():
