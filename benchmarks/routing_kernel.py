@@ -133,7 +133,7 @@ def main() -> int:
     cuda = args.device == "cuda"
     keys = args.keys or ([1_000, 10_000, 100_000] if cuda else [1_000, 10_000])
     dims = args.dims or ([576, 4096] if cuda else [576])
-    num_queries = args.queries or ([1, 64, 256] if cuda else [1, 64])
+    num_queries = args.queries or ([1, 8, 64, 256] if cuda else [1, 64])
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
     args.repeats = args.repeats or (50 if cuda else 5)
     name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()

@@ -180,26 +180,23 @@ def _programs(device: torch.device, per_sm: int) -> int:
 def _tiles(num_queries: int, dim: int) -> dict:
     """Tiles, warps, stages and programs per SM, from the sweep of
     benchmarks/routing_kernel_tune.py on an H100 (results/routing_kernel_tune.json) where it
-    measured; the earlier heuristics elsewhere. tl.dot needs tiles of 16; below 16 queries the
-    3D broadcast path wastes no FLOPs on padded query rows."""
+    measured. tl.dot needs tiles of 16: from 3 queries on, padding the query tile costs less
+    than the 3D broadcast path's registers; 1 or 2 queries take the broadcast path."""
     pow2 = triton.next_power_of_2
     if num_queries >= 64:  # measured at S = 64: 1.16x over 64x64x64 tiles at 4 programs/SM
         return dict(use_dot=True, block_s=64, block_n=128, block_d=max(16, min(32, pow2(dim))),
                     num_warps=4, num_stages=3, programs_per_sm=2)
-    if num_queries >= 16:
-        return dict(use_dot=True, block_s=pow2(num_queries), block_n=64,
+    if num_queries >= 3:  # measured at S = 4 and 8: the broadcast path took 3x and 5.7x longer
+        return dict(use_dot=True, block_s=max(16, pow2(num_queries)), block_n=64,
                     block_d=max(16, min(64, pow2(dim))), num_warps=4, num_stages=3,
                     programs_per_sm=4)
     block_s = pow2(num_queries)
-    if block_s <= 2 and dim >= 1024:  # measured at d = 4096: 72 % of HBM bandwidth (60 before)
+    if dim >= 1024:  # measured at d = 4096: 72 % of HBM bandwidth (60 before)
         return dict(use_dot=False, block_s=block_s, block_n=32, block_d=256, num_warps=4,
                     num_stages=2, programs_per_sm=8)
-    if block_s <= 2:  # measured at d = 576 and 64: 1.16x over 64x128 tiles at 4 programs/SM
-        return dict(use_dot=False, block_s=block_s, block_n=64, block_d=min(64, pow2(dim)),
-                    num_warps=4, num_stages=1, programs_per_sm=16)
-    block_d = min(64, pow2(dim))
-    return dict(use_dot=False, block_s=block_s, num_warps=4, num_stages=3, programs_per_sm=4,
-                block_n=min(64, max(16, 8192 // (block_s * block_d))), block_d=block_d)
+    # measured at d = 576 and 64: 1.16x over 64x128 tiles at 4 programs/SM
+    return dict(use_dot=False, block_s=block_s, block_n=64, block_d=min(64, pow2(dim)),
+                num_warps=4, num_stages=1, programs_per_sm=16)
 
 
 def _launch_config(num_queries: int, num_keys: int, dim: int, device: torch.device,
@@ -261,7 +258,7 @@ def nearest_key(queries, keys, owners, threshold, metric="cosine", valid=None, k
     reduction per key tile, which costs the cosine path bandwidth; the router passes them)
     out: optional preallocated (edit int32 [S], dist fp32 [S], index int64 [S]), written in place
     -> (edit, dist, index); dist inf and index -1 where skipped; all -1 (dist inf) when N == 0.
-    Numerics: fp32 accumulation. With >= 16 queries keys are ranked by tl.dot: l2 through
+    Numerics: fp32 accumulation. With >= 3 queries keys are ranked by tl.dot: l2 through
     |q|^2 + |k|^2 - 2 q.k, clamped at 0 (`input_precision`: "ieee" full fp32, "tf32x3" ~fp32 on
     tensor cores, "tf32" ~1e-3); with fewer, by explicit differences. Either way the returned
     distance, and so the threshold test, is the winner's recomputed by explicit differences

@@ -235,7 +235,7 @@ def test_module_imports_and_refers_without_triton():
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-@pytest.mark.parametrize("num_queries", [1, 64, 256], ids=lambda s: f"S{s}")
+@pytest.mark.parametrize("num_queries", [1, 8, 64, 256], ids=lambda s: f"S{s}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_large_matches_reference_on_gpu(dtype, num_queries, metric, precision):
     queries, keys, owners, threshold, valid, _ = routing_case(num_queries, 100_000, 576, metric,
