@@ -124,10 +124,10 @@ def test_routed_batch_matches_the_torch_runtime_and_leaves_unrouted_rows_exact(k
     prefill = step("abcd", [3] * 4, [[0, 1, 2]] * 4)
     decode = step("abcd", [3] * 4, [[3]] * 4)
     for meta, hid in ((prefill, hidden), (decode, torch.randn(4, HIDDEN) * 10)):
-        for runtime in (punica, reference):
+        for runtime, on in ((punica, dict(device=DEVICE, dtype=DTYPE)), (reference, {})):
             runtime.step = meta
-            runtime.route(hid)
-        tok = punica.tok_slot[:meta.num_tokens].clone()
+            runtime.route(hid.to(**on))  # the route layer's input, on the model's device
+        tok = punica.tok_slot[:meta.num_tokens].cpu()
         assert torch.equal(tok, reference.tok_slot[:meta.num_tokens])
         assert (tok == -1).any() and len(set(tok.tolist())) == 4  # -1 and three edits
         apply_all(punica, reference, tok)
@@ -146,7 +146,7 @@ def test_the_metadata_is_built_once_per_forward(kernels):
     for group, width in enumerate(WIDTHS):
         x = torch.randn(5, GROUPS[group][0].in_features).to(DEVICE, DTYPE)
         runtime.apply(group, torch.zeros(5, width, dtype=DTYPE, device=DEVICE), x)
-    assert len(builds) == 1 and torch.equal(builds[0], tok)
+    assert len(builds) == 1 and torch.equal(builds[0].cpu(), tok)
     assert runtime.lora.meta.token_lora_mapping.device.type == torch.device(DEVICE).type
     with pytest.raises(RuntimeError, match="router saw 5 tokens"):
         runtime.apply(0, torch.zeros(4, WIDTHS[0], dtype=DTYPE, device=DEVICE),

@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .staging import device_index
+
 
 class BlockSums:
     def __init__(self, hidden_size: int):
@@ -34,12 +36,12 @@ class BlockSums:
         starts = np.unique(blocks[pos % step.block_size == 0])  # first slot computed: reuse
         on = hidden.device
         if starts.size:
-            self.sums.index_fill_(0, torch.from_numpy(starts).to(on), 0.0)
+            self.sums.index_fill_(0, device_index(starts, on), 0.0)
             self.counts[starts] = 0
         pooled = np.flatnonzero(pos >= 1)
         if pooled.size:
-            self.sums.index_add_(0, torch.from_numpy(blocks[pooled]).to(on),
-                                 hidden[torch.from_numpy(pooled).to(on)].float())
+            self.sums.index_add_(0, device_index(blocks[pooled], on),
+                                 hidden[device_index(pooled, on)].float())
             np.add.at(self.counts, blocks[pooled], 1)
 
     def prefix(self, block_ids: np.ndarray) -> torch.Tensor | None:
@@ -53,7 +55,7 @@ class BlockSums:
         expected[0] -= 1  # position 0
         if not np.array_equal(self.counts[block_ids], expected):
             return None
-        return self.sums[torch.from_numpy(block_ids).to(self.sums.device)].sum(dim=0)
+        return self.sums[device_index(block_ids, self.sums.device)].sum(dim=0)
 
     def _fit(self, needed: int, num_kv_blocks: int, device) -> None:
         """Size the buffer on first use (the KV cache's block count is known only after its

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .block_sums import BlockSums
+from .staging import device_index
 
 
 @dataclass
@@ -70,8 +71,8 @@ class MeanPooler:
         part = torch.zeros(n, hidden.shape[1], dtype=torch.float32, device=hidden.device)
         if pooled.size:
             on = hidden.device
-            part.index_add_(0, torch.from_numpy(rows[pooled]).to(on),
-                            hidden[torch.from_numpy(pooled).to(on)].float())
+            part.index_add_(0, device_index(rows[pooled], on),
+                            hidden[device_index(pooled, on)].float())
         for row, total in zip(seen, sums, strict=True):
             total.total += part[row]
             total.count += int(counts[row])

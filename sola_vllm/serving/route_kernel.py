@@ -7,7 +7,8 @@ the same semantics and tie-break, reading every key once per step (benchmarks/ro
 cannot run is refused with the reason, never quietly served by the other search.
 
 Both return (edit slot int32 [S], distance fp32 [S], key index int64 [S]) for queries [S, d]
-against the routed keys; `SolaRuntime._route_tokens` reads them on the host. A Triton router is
+against the routed keys; `SolaRuntime` scatters the slots over the step's token slots on the
+device, then reads them on the host (`_record`). A Triton router is
 checked against the reference when the engine starts (`self_check`): a kernel that routes
 otherwise (an untested GPU, a Triton upgrade) stops the engine instead of misrouting edits.
 """
@@ -22,7 +23,7 @@ from sola_vllm.kernels import nearest_key as kernels
 
 Nearest = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
-# The kernel's tl.dot ranking (16 or more key tokens in a step) runs as three TF32 tensor-core
+# The kernel's tl.dot ranking (3 or more key tokens in a step) runs as three TF32 tensor-core
 # products (~fp32): on an H100, 64 key tokens against 10^5 keys of 4096 took 1.3 ms against
 # 4.5 ms in full-fp32 "ieee", with the same routing on every case of
 # benchmarks/routing_kernel.py. The winner's distance, and so the threshold test, is

@@ -35,6 +35,7 @@ from __future__ import annotations
 import heapq
 import zlib
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,6 +49,7 @@ from .config import ServingConfig
 from .pooling import MeanPooler
 from .provenance import RequestLog
 from .route_kernel import choose_router, make_nearest, prepare_keys, self_check
+from .staging import PinnedStaging, device_index
 
 UNDECIDED = -2
 MAX_PENDING_CAPTURES = 4096
@@ -74,6 +76,17 @@ class StepMeta:
     row_blocks: np.ndarray | None = None
     block_size: int = 0
     num_kv_blocks: int = 0
+
+
+@dataclass
+class _Search:
+    """One launched nearest-key search: the step's key tokens it routes (token indices, with
+    their requests) and its results on the model's device (edit slot int32, distance fp32)."""
+
+    tokens: np.ndarray
+    req_ids: list[str]
+    slots: torch.Tensor
+    dists: torch.Tensor
 
 
 @dataclass
@@ -131,6 +144,8 @@ class SolaRuntime:
         # per slot: a canary edit, routed only for requests that opt in
         self.slot_canary = torch.zeros(config.max_edits, dtype=torch.bool, **on)
         self.tok_slot = torch.full((max_num_tokens,), -1, dtype=torch.int32, **on)
+        self._slot_staging = (PinnedStaging(max_num_tokens, torch.int32)
+                              if self.tok_slot.is_cuda else None)
         self.edits: dict[str, _SlotInfo] = {}
         self.slot_edit: list[str | None] = [None] * config.max_edits
         # lowest free slot first; key rows in the order they were freed (O(1) per add/remove)
@@ -284,22 +299,23 @@ class SolaRuntime:
         revoked edits' keys owned by -1 when they block (`revoked_keys`), mapped by the key map
         if there is one (k = its width, else d). Rebuilt only after a change: a step with key
         tokens then only maps and normalizes its queries."""
-        if opted_in not in self._key_tables:
-            owned = self.key_owner >= 0
-            if not opted_in:
-                owned &= ~self.slot_canary[self.key_owner.clamp_min(0).long()]
-            rows = torch.cat([owned.nonzero().squeeze(1), self._blocking_rows()])
+        if opted_in not in self._key_tables:  # rows listed on the host: no wait for the GPU
+            states = ("active", "canary") if opted_in else ("active",)
+            routed = sorted(row for info in self.edits.values() if info.state in states
+                            for row in info.key_rows)
+            rows = device_index(np.asarray(routed + self._blocking_rows(), dtype=np.int64),
+                                self.keys.device)
             keys = self.mapped(self.keys[rows]).contiguous()
             prepared = prepare_keys(self.router, keys, self.config.metric)
             self._key_tables[opted_in] = (keys, self.key_owner[rows].contiguous(), prepared)
         return self._key_tables[opted_in]
 
-    def _blocking_rows(self) -> torch.Tensor:
+    def _blocking_rows(self) -> list[int]:
         """Key rows of revoked edits when revoked keys block (their owner is -1), else none."""
-        rows = [] if self.config.revoked_keys != "block" else [
-            row for info in self.edits.values() if info.state == "revoked"
-            for row in info.key_rows]
-        return torch.tensor(rows, dtype=torch.long, device=self.key_owner.device)
+        if self.config.revoked_keys != "block":
+            return []
+        return [row for info in self.edits.values() if info.state == "revoked"
+                for row in info.key_rows]
 
     def opts_in(self, req_id: str, flag: bool) -> bool:
         """A request sees canary edits when it asks to, or when its id hashes into the
@@ -354,24 +370,30 @@ class SolaRuntime:
     def route(self, hidden: torch.Tensor) -> None:
         """hidden: [T, d], the residual stream entering the route layer. Decides the route of
         every request whose key token (its prompt's last token) is in this step, and writes
-        each token's edit slot (-1 = none) into `tok_slot[:T]`."""
+        each token's edit slot (-1 = none) into `tok_slot[:T]`. The searches' results reach
+        the token slots and the apply's state on the device; the host reads them (one wait
+        for the GPU, in steps with key tokens only) after all of that is queued."""
         num_tokens = hidden.shape[0]
         step = self.step
         slots = torch.full((num_tokens,), -1, dtype=torch.int32)
+        searches: list[_Search] = []
         if step is not None and step.num_tokens <= num_tokens:  # else dummy/profile: no routing
             rows, pos = step.tok_row, step.tok_pos
             key_pos = step.row_prompt_len[rows] - 1  # [T]
             if self.pooler is not None:  # before the key tokens: their own states count
                 pending = np.array([r not in self.routes for r in step.req_ids], dtype=bool)
                 self.pooler.accumulate(hidden, step, pending)
-            self._decide(hidden, np.flatnonzero(pos == key_pos), rows)
+            searches = self._decide(hidden, np.flatnonzero(pos == key_pos), rows)
             row_slot = np.array([self.routes.get(r, -1) for r in step.req_ids], dtype=np.int64)
             slots[: step.num_tokens] = torch.from_numpy(np.where(pos >= key_pos,
                                                                  row_slot[rows], -1))
-        self.set_token_slots(slots)
+        self.set_token_slots(slots, searches)
+        for search in searches:
+            self._record(search)
 
-    def set_token_slots(self, slots: torch.Tensor) -> None:
-        """Write each token's edit slot (int32 [T], -1 = none; decided on the host) into the
+    def set_token_slots(self, slots: torch.Tensor, searches: Sequence[_Search] = ()) -> None:
+        """Write each token's edit slot (int32 [T], -1 = none; decided on the host, then the
+        `searches` of this step's key tokens scattered over it on the device) into the
         model-device buffer, and prepare the apply once per forward from it (routed tokens, or
         the kernels' metadata): every edited linear reuses it."""
         num_tokens = slots.shape[0]
@@ -379,10 +401,20 @@ class SolaRuntime:
             raise RuntimeError(f"{num_tokens} tokens in one forward; the buffer holds "
                                f"{self.tok_slot.shape[0]}")
         device_slots = self.tok_slot[:num_tokens]
-        device_slots.copy_(slots)
+        if self._slot_staging is None:
+            device_slots.copy_(slots)
+        else:  # no stream sync mid-forward
+            self._slot_staging.copy(device_slots, slots)
+        # a search's tokens are key tokens: a request is decided in the step of its key token,
+        # and none of its tokens follow that one in the same step
+        for search in searches:
+            device_slots[device_index(search.tokens, device_slots.device)] = search.slots
         self._forward = self.lora.prepare(device_slots)
 
-    def _decide(self, hidden: torch.Tensor, is_key: np.ndarray, rows: np.ndarray) -> None:
+    def _decide(self, hidden: torch.Tensor, is_key: np.ndarray,
+                rows: np.ndarray) -> list[_Search]:
+        """Routes what the host can decide (captures, incomplete keys: no edit) and launches
+        the search of the others, one per group of requests that see the same keys."""
         step = self.step
         # key tokens of requests routed in an earlier step: recomputed after preemption
         self.recomputed_keys += sum(step.req_ids[int(rows[t])] in self.routes for t in is_key)
@@ -406,18 +438,21 @@ class SolaRuntime:
         opted = [self.opts_in(step.req_ids[int(rows[t])],
                               bool(step.canary[int(rows[t])]) if step.canary else False)
                  for t, _ in routable]
+        searches = []
         for opted_in in (False, True):  # each request routes among the keys it may see
             group = [tq for tq, o in zip(routable, opted, strict=True) if o == opted_in]
             if group:
-                self._route_tokens(torch.stack([q for _, q in group]), [t for t, _ in group],
-                                   rows, opted_in)
+                searches.append(self._search(torch.stack([q for _, q in group]),
+                                             [t for t, _ in group], rows, opted_in))
+        return searches
 
     def _queries(self, hidden: torch.Tensor, todo: list[int],
                  rows: np.ndarray) -> list[torch.Tensor | None]:
         """The raw query (fp32 [d]) of each key token in `todo`: its state ("last") or its
         request's pooled prompt states ("mean"; None when some never reached the router)."""
-        if self.pooler is None:
-            return list(hidden[todo].float()) if todo else []
+        if self.pooler is None:  # a device index: a list index would wait for the GPU
+            return list(hidden[device_index(np.asarray(todo, dtype=np.int64),
+                                            hidden.device)].float()) if todo else []
         queries = [self.pooler.take(self.step.req_ids[int(rows[t])]) for t in todo]
         self.incomplete_keys += sum(q is None for q in queries)
         return queries
@@ -426,15 +461,20 @@ class SolaRuntime:
         """Raw keys or queries [..., d] into the space distances are taken in (the key map's)."""
         return x.float() if self.key_map is None else self.key_map(x)
 
-    def _route_tokens(self, queries: torch.Tensor, todo: list[int], rows: np.ndarray,
-                      opted_in: bool) -> None:
-        """queries: raw fp32 [n_key, d], the queries of the key tokens `todo`."""
-        step = self.step
+    def _search(self, queries: torch.Tensor, todo: list[int], rows: np.ndarray,
+                opted_in: bool) -> _Search:
+        """Launches the nearest-key search of the key tokens `todo` (queries: raw fp32
+        [n_key, d]); nothing is read back here."""
         keys, owners, prepared = self.routed_keys(opted_in)
         slots, dists, _ = self._nearest(self.mapped(queries), keys, owners,
                                         self.config.threshold, self.config.metric, prepared)
-        for t, slot, dist in zip(todo, slots.tolist(), dists.tolist(), strict=True):
-            req_id = step.req_ids[int(rows[t])]
+        req_ids = [self.step.req_ids[int(rows[t])] for t in todo]
+        return _Search(np.asarray(todo, dtype=np.int64), req_ids, slots, dists)
+
+    def _record(self, search: _Search) -> None:
+        """The host's side of a search: routes, hit counts, the request log."""
+        for req_id, slot, dist in zip(search.req_ids, search.slots.tolist(),
+                                      search.dists.tolist(), strict=True):
             self.routes[req_id] = slot
             if slot >= 0:
                 self.hits[slot] += 1
