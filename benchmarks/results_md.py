@@ -1,6 +1,7 @@
 """Generate `benchmarks/RESULTS.md` (and the throughput plot) from the benchmarks' JSON files in
-`benchmarks/results/`: serving_throughput.json, edit_ops.json, routing_kernel.json. Sections
-whose JSON is missing say so.
+`benchmarks/results/`: serving_throughput.json, edit_ops.json, routing_kernel.json (GPU) and
+routing_kernel_cpu.json, routing_kernel_tune.json, routing_step_share.json,
+routing_step_runtime.json (and _before). Sections whose JSON is missing say so.
 
     .venv/bin/python benchmarks/results_md.py
 """
@@ -262,21 +263,98 @@ def ops_section(data: dict | None) -> list[str]:
     return out + [""]
 
 
-def kernel_section(data: dict | None) -> list[str]:
+def kernel_section(data: dict | None, cpu: dict | None) -> list[str]:
     out = ["## Routing kernel (`routing_kernel.py`)", ""]
     if data is None:
-        return out + ["Not measured yet.", ""]
+        return out + ["Not measured yet.", ""] + kernel_cpu_lines(cpu)
     out += [f"Device: {data.get('device')}; torch {data.get('torch')}, triton "
-            f"{data.get('triton')}. Peak bandwidth used: {data.get('peak_gbps')} GB/s.", "",
-            "| provider | N | d | queries | metric | median ms | GB/s | % of peak |",
-            "|---|---|---|---|---|---|---|---|"]
+            f"{data.get('triton')}; peak bandwidth {data.get('peak_gbps')} GB/s. Code: "
+            f"{data.get('commit', '?')}. Command: `{data.get('command', '?')}`.", "",
+            "Median ms of each provider; GB/s and % of peak count every fp32 key read once "
+            "(the floor). The router runs `triton_tf32x3` with the key norms it keeps "
+            "(`route_kernel`); every provider's routing equals the reference's on every row "
+            f"({'yes' if all(r['agrees_with_ref'] for r in data['results']) else 'NO'}).", "",
+            "| N | d | S | metric | router ms | GB/s | % peak | triton ieee | torch_mm | "
+            "torch_cdist | torch_ref |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    cases: dict[tuple, dict] = {}
     for row in data.get("results", []):
-        setup, gbps, frac = row["setup"], row.get("achieved_gbps"), row.get("frac_of_peak")
+        s = row["setup"]
+        cases.setdefault((s["N"], s["d"], s["S"], s["metric"]), {})[row["provider"]] = row
+    for (n, d, q, metric), rows in cases.items():
+        router = rows["triton_tf32x3"]
+        med = {k: f"{v['latency_ms']['median']:.3f}" for k, v in rows.items()}
+        out.append(f"| {n} | {d} | {q} | {metric} | {med['triton_tf32x3']} | "
+                   f"{router['achieved_gbps']:.0f} | {100 * router['frac_of_peak']:.0f} % | "
+                   f"{med['triton']} | {med['torch_mm']} | {med['torch_cdist']} | "
+                   f"{med['torch_ref']} |")
+    return out + [""] + kernel_cpu_lines(cpu)
+
+
+def kernel_cpu_lines(data: dict | None) -> list[str]:
+    if data is None:
+        return []
+    out = [f"On CPU ({data.get('device')}; torch {data.get('torch')}; "
+           "`routing_kernel_cpu.json`), the torch providers only:", "",
+           "| provider | N | d | queries | metric | median ms |", "|---|---|---|---|---|---|"]
+    for row in data.get("results", []):
+        setup = row["setup"]
         out.append(f"| {row['provider']} | {setup['N']} | {setup['d']} | {setup['S']} | "
-                   f"{setup['metric']} | {row['latency_ms']['median']:.3f} | "
-                   f"{'' if gbps is None else f'{gbps:.2f}'} | "
-                   f"{'' if frac is None else f'{100 * frac:.0f} %'} |")
+                   f"{setup['metric']} | {row['latency_ms']['median']:.3f} |")
     return out + [""]
+
+
+def tune_section(data: dict | None) -> list[str]:
+    out = ["### Launch configurations (`routing_kernel_tune.py`)", ""]
+    if data is None:
+        return out + ["Not measured yet.", ""]
+    out += [f"Device: {data.get('device')}. Code: {data.get('commit', '?')}. Command: "
+            f"`{data.get('command', '?')}`. Each shape's configurations, checked against the "
+            "reference and timed in CUDA graphs; `_tiles` in `kernels/nearest_key.py` took the "
+            "winners.", "", "| N | d | S | old default ms | best ms | speed-up | best |",
+            "|---|---|---|---|---|---|---|"]
+    for shape in data["shapes"]:
+        best = shape["best"]
+        out.append(f"| {shape['N']} | {shape['d']} | {shape['S']} | {shape['default_ms']:.3f} |"
+                   f" {best['ms']:.3f} | {shape['default_ms'] / best['ms']:.2f}x | "
+                   f"{best['override']} |")
+    return out + [""]
+
+
+def step_section(share: dict | None, runtime: dict | None, before: dict | None) -> list[str]:
+    out = ["## Routing in a decode step of an 8B-class model", ""]
+    if share is not None:
+        out += [f"Estimate (`routing_step_share.py`; {share.get('device')}; code "
+                f"{share.get('commit', '?')}; `{share.get('command', '?')}`): router kernel "
+                "time over a Llama-3-8B-shaped torch decode step in a CUDA graph (context "
+                f"{share['rows'][0]['context']}). d = 4096: raw keys; d = 64: a key map's "
+                f"output. Target: under {100 * share['target_share']:.0f} %.", "",
+                "| B | step ms | N | d | key tokens | router ms | share |",
+                "|---|---|---|---|---|---|---|"]
+        for r in share["rows"]:
+            out.append(f"| {r['batch']} | {r['step_ms']:.2f} | {r['keys']} | {r['dim']} | "
+                       f"{r['key_tokens']} | {r['route_ms']:.4f} | {100 * r['share']:.2f} % |")
+        out.append("")
+    if runtime is not None:
+        old = {(r["batch"], r["keys"], r["key_tokens"]): r for r in (before or {}).get("rows",
+                                                                                         [])}
+        out += [f"Measured (`routing_step_runtime.py`; {runtime.get('device')}; code "
+                f"{runtime.get('commit', '?')}; `{runtime.get('command', '?')}`): the same step "
+                f"cut at layer {runtime['route_layer']} between two CUDA graphs, "
+                "`SolaRuntime.route` (Triton router, raw 4096-d cosine keys, "
+                f"{runtime['edits']} edits) between them and the punica apply (rank "
+                f"{runtime['rank']}) in the second. `before`: the same benchmark before "
+                "d868a4b and 9b0a08c (a list index made the host wait for the GPU before the "
+                "search; 3 to 15 key tokens took the kernel's slow broadcast path).", "",
+                "| B | N | key tokens | plain ms | routed ms | vs plain | before |",
+                "|---|---|---|---|---|---|---|"]
+        for r in runtime["rows"]:
+            prev = old.get((r["batch"], r["keys"], r["key_tokens"]))
+            was = "" if prev is None else f"{prev['vs_plain']:.3f}"
+            out.append(f"| {r['batch']} | {r['keys']} | {r['key_tokens']} | "
+                       f"{r['plain_ms']:.3f} | {r['routed_ms']:.3f} | {r['vs_plain']:.3f} | "
+                       f"{was} |")
+        out.append("")
+    return out
 
 
 def main() -> int:
@@ -285,7 +363,10 @@ def main() -> int:
             "number below comes from one run of the command shown with it.", ""]
     text += throughput_section(load("serving_throughput.json"))
     text += ops_section(load("edit_ops.json"))
-    text += kernel_section(load("routing_kernel.json"))
+    text += kernel_section(load("routing_kernel.json"), load("routing_kernel_cpu.json"))
+    text += tune_section(load("routing_kernel_tune.json"))
+    text += step_section(load("routing_step_share.json"), load("routing_step_runtime.json"),
+                         load("routing_step_runtime_before.json"))
     OUT.write_text("\n".join(text))
     print(f"wrote {OUT}")
     return 0

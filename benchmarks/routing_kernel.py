@@ -154,7 +154,8 @@ def main() -> int:
                     rows = run_setup(setup, provs, args, args.device, peak)
                     print_rows(rows, first=not results)
                     results += rows
-    report = {"device": name, "peak_gbps": peak, "torch": torch.__version__,
+    report = {"command": " ".join(["python", *sys.argv]),
+              "device": name, "peak_gbps": peak, "torch": torch.__version__,
               "triton": getattr(nk.triton, "__version__", None), "providers": list(provs),
               "warmup": args.warmup, "repeats": args.repeats, "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -113,7 +113,8 @@ def main() -> int:
         num_keys, dim, num_queries = (int(x) for x in shape.split("x"))
         rows.append(sweep_shape(num_keys, dim, num_queries, args.metric, args.precision, peak,
                                 args))
-    report = {"device": name, "peak_gbps": peak, "torch": torch.__version__,
+    report = {"command": " ".join(["python", *sys.argv]),
+              "device": name, "peak_gbps": peak, "torch": torch.__version__,
               "triton": nk.triton.__version__, "repeats": args.repeats, "shapes": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
