@@ -6,8 +6,9 @@ are equal; rows of tokens without an edit leave every edited linear's base outpu
 routed rows agree within bf16 rounding; a revoked edit keeps its in-flight request, and the
 same prompt sent again gets the base output.
 
-Run on a CUDA machine with TRITON_INTERPRET=0 (where vLLM is not installed, with the test
-stand-in on the path: `PYTHONPATH=.gpu-vllm`). On CPU (TRITON_INTERPRET=1, tests/conftest.py)
+Run on a CUDA machine with TRITON_INTERPRET=0. (Where vLLM is not installed, a stand-in package
+of vLLM 0.32's LoRA op modules, with stubs for the little they import, can go on PYTHONPATH:
+that is how these ran on an H100 without vLLM; the stand-in is not part of the repository.) On CPU (TRITON_INTERPRET=1, tests/conftest.py)
 the `gpu` tests skip and the same bodies run in Triton's interpreter, vLLM's kernels injected
 (`interpreted_kernels`), in fp16 (bf16 is broken in the interpreter, see
 test_punica_apply.py).
