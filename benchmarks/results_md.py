@@ -204,6 +204,12 @@ EXTRA_RUNS = [
     ("serving_throughput_10k.json", "10,000 resident edits, with the warmed, paired method"),
     ("serving_throughput_10k_quiet.json", "10,000 resident edits, rerun on a quiet machine"),
     ("serving_throughput_http.json", "HTTP, every routed share, with the warmed, paired method"),
+    ("serving_throughput_10k_pooled.json",
+     "10,000 resident edits with the default configuration (pooled keys), AMD EPYC"),
+    ("serving_throughput_10k_last_token_amd.json",
+     "10,000 resident edits with last-token keys, AMD EPYC (the same machine, next run)"),
+    ("serving_throughput_10k_pooled_rerun.json",
+     "10,000 resident edits with the default configuration, AMD EPYC, rerun"),
 ]
 
 
