@@ -24,9 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "kernels"))
 import nearest_key as nk  # noqa: E402
+from cuda_timing import event_ms, peak_gbps  # noqa: E402
 
-# peak HBM bandwidth in GB/s, matched in order against torch.cuda.get_device_name()
-PEAK_GBPS = [("H100 PCIe", 2000.0), ("H100 NVL", 3900.0), ("H200", 4800.0), ("H100", 3350.0)]
 THRESHOLD = {"l2": 0.5, "cosine": 1e-3}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -59,21 +58,15 @@ def make_case(num_keys, dim, num_queries, dtype, device):
 
 
 def time_ms(fn, warmup: int, repeats: int, device: str) -> list[float]:
+    if device == "cuda":
+        return event_ms(fn, warmup, repeats)
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
     return times
 
 
@@ -137,7 +130,7 @@ def main() -> int:
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
     args.repeats = args.repeats or (50 if cuda else 5)
     name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
-    peak = args.peak_gbps or (next((g for k, g in PEAK_GBPS if k in name), None) if cuda else None)
+    peak = args.peak_gbps or (peak_gbps(name) if cuda else None)
     provs = providers(args.device)
     print(f"device: {name}; peak {peak} GB/s; queries {args.dtype}, keys fp32; "
           f"providers: {', '.join(provs)}; {args.warmup} warmup + {args.repeats} repeats, median")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -24,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "kernels"))
 import nearest_key as nk  # noqa: E402
-from routing_kernel import PEAK_GBPS, make_case  # noqa: E402
-from routing_step_share import graph_ms  # noqa: E402
+from cuda_timing import add_timing_args, cuda_device, graph_ms, save_report  # noqa: E402
+from routing_kernel import make_case  # noqa: E402
 
 BROADCAST_SPACE = dict(block_n=[16, 32, 64], block_d=[64, 128, 256], num_warps=[4, 8],
                        num_stages=[1, 2, 3], programs_per_sm=[4, 8, 16])
@@ -96,16 +95,10 @@ def main() -> int:
                         help="NxdxS")
     parser.add_argument("--metric", default="cosine", choices=nk.METRICS)
     parser.add_argument("--precision", default="tf32x3", help="dot path input precision")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--out", type=Path,
-                        default=ROOT / "benchmarks/results/routing_kernel_tune.json")
+    add_timing_args(parser, 3, 10, ROOT / "benchmarks/results/routing_kernel_tune.json")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("needs a CUDA device")
+    name, peak = cuda_device()
     torch.manual_seed(0)
-    name = torch.cuda.get_device_name()
-    peak = next((g for k, g in PEAK_GBPS if k in name), None)
     print(f"device: {name}; peak {peak} GB/s; fp32 keys and queries; median of {args.repeats} "
           "graph replays per configuration")
     rows = []
@@ -113,12 +106,9 @@ def main() -> int:
         num_keys, dim, num_queries = (int(x) for x in shape.split("x"))
         rows.append(sweep_shape(num_keys, dim, num_queries, args.metric, args.precision, peak,
                                 args))
-    report = {"command": " ".join(["python", *sys.argv]),
-              "device": name, "peak_gbps": peak, "torch": torch.__version__,
-              "triton": nk.triton.__version__, "repeats": args.repeats, "shapes": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.out}")
+    save_report(args.out, {
+        "device": name, "peak_gbps": peak, "torch": torch.__version__,
+        "triton": nk.triton.__version__, "repeats": args.repeats, "shapes": rows})
     return 0
 
 

@@ -23,8 +23,6 @@ Needs CUDA and vLLM's LoRA kernels (vLLM, or the tests' stand-in on PYTHONPATH).
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from cuda_timing import add_timing_args, capture, cuda_device, median_ms, save_report  # noqa: E402
 from routing_step_share import LLAMA_8B, DecodeStep  # noqa: E402
 
 from sola_vllm.arch import EditShape  # noqa: E402
@@ -91,33 +90,6 @@ def route_decode_rows(runtime: SolaRuntime, batch: int) -> list[str]:
     return ids
 
 
-def capture(fn) -> torch.cuda.CUDAGraph:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
-
-
-def timed(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def measure(batch: int, num_keys: int, key_tokens: list[int], args) -> list[dict]:
     layer = args.route_layer
     step = DecodeStep(LLAMA_8B, batch, args.context)
@@ -156,14 +128,14 @@ def measure(batch: int, num_keys: int, key_tokens: list[int], args) -> list[dict
         return run
 
     w, r = args.warmup, args.repeats
-    base = {"plain": timed(plain.replay, w, r),
-            "split": timed(lambda: (graph_a.replay(), graph_b_plain.replay()), w, r),
-            "decode": timed(routed(0), w, r)}
+    base = {"plain": median_ms(plain.replay, w, r),
+            "split": median_ms(lambda: (graph_a.replay(), graph_b_plain.replay()), w, r),
+            "decode": median_ms(routed(0), w, r)}
     rows = []
     for s in [0, *key_tokens]:
         if s > batch:
             continue
-        ms = base["decode"] if s == 0 else timed(routed(s), w, r)
+        ms = base["decode"] if s == 0 else median_ms(routed(s), w, r)
         rows.append({"batch": batch, "context": args.context, "keys": num_keys,
                      "key_tokens": s, "plain_ms": base["plain"], "split_ms": base["split"],
                      "routed_ms": ms, "vs_plain": ms / base["plain"],
@@ -180,15 +152,10 @@ def main() -> int:
     parser.add_argument("--route-layer", type=int, default=8)
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--threshold", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--out", type=Path,
-                        default=ROOT / "benchmarks/results/routing_step_runtime.json")
+    add_timing_args(parser, 5, 30, ROOT / "benchmarks/results/routing_step_runtime.json")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("needs a CUDA device")
+    name, _ = cuda_device()
     torch.manual_seed(0)
-    name = torch.cuda.get_device_name()
     print(f"device: {name}; Llama-3-8B-shaped decode step (bf16, context {args.context}) cut at "
           f"layer {args.route_layer}: SolaRuntime.route (Triton router, raw d=4096 cosine keys) "
           f"between two CUDA graphs, punica apply (rank {RANK}, {MODULE}) in the second; "
@@ -205,13 +172,10 @@ def main() -> int:
                 print(f"{batch:>4} {n:>7} {row['key_tokens']:>3} {row['plain_ms']:>9.3f} "
                       f"{row['split_ms']:>9.3f} {row['routed_ms']:>10.3f} "
                       f"{row['vs_plain']:>9.3f} {row['vs_split']:>9.3f}")
-    report = {"command": " ".join(["python", *sys.argv]),
-              "device": name, "torch": torch.__version__, "model_shape": LLAMA_8B,
-              "route_layer": args.route_layer, "edits": args.edits, "rank": RANK,
-              "repeats": args.repeats, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.out}")
+    save_report(args.out, {
+        "device": name, "torch": torch.__version__, "model_shape": LLAMA_8B,
+        "route_layer": args.route_layer, "edits": args.edits, "rank": RANK,
+        "repeats": args.repeats, "rows": rows})
     return 0
 
 

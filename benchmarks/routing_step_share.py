@@ -17,7 +17,6 @@ host read of its result (one per step with key tokens) is not.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -29,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "kernels"))
 import nearest_key as nk  # noqa: E402
-from routing_kernel import PEAK_GBPS, make_case  # noqa: E402
+from cuda_timing import add_timing_args, cuda_device, graph_ms, save_report  # noqa: E402
+from routing_kernel import make_case  # noqa: E402
 
 # Llama-3-8B: hidden 4096, 32 layers, 32 query heads and 8 KV heads of 128, MLP 14336,
 # vocabulary 128256
@@ -92,30 +92,6 @@ class DecodeStep:
         return F.rms_norm(x, (self.shape["hidden"],)) @ self.lm_head
 
 
-def graph_ms(fn, warmup: int, repeats: int) -> list[float]:
-    """fn captured in a CUDA graph, then each replay timed with CUDA events."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(warmup):
-        graph.replay()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
-
-
 def kernel_ms(num_keys: int, num_queries: int, dim: int, metric: str, args) -> float:
     queries, keys, owners = make_case(num_keys, dim, num_queries, torch.bfloat16, "cuda")
     out = nk.nearest_key(queries, keys, owners, 1e-3, metric,  # compiles
@@ -141,17 +117,11 @@ def main() -> int:
     parser.add_argument("--metric", default="cosine", choices=nk.METRICS)
     parser.add_argument("--precision", default="tf32x3",
                         help="ranking precision (the router's: route_kernel.RANKING_PRECISION)")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--target", type=float, default=0.02, help="share routing may add")
-    parser.add_argument("--out", type=Path,
-                        default=ROOT / "benchmarks/results/routing_step_share.json")
+    add_timing_args(parser, 5, 30, ROOT / "benchmarks/results/routing_step_share.json")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("needs a CUDA device")
+    name, peak = cuda_device()
     torch.manual_seed(0)
-    name = torch.cuda.get_device_name()
-    peak = next((g for k, g in PEAK_GBPS if k in name), None)
     routing = {(n, d, s): kernel_ms(n, s, d, args.metric, args)
                for n in args.keys for d in args.dims for s in args.key_tokens}
     print(f"device: {name}; Llama-3-8B-shaped decode step (torch ops, bf16, CUDA graph, context "
@@ -177,15 +147,12 @@ def main() -> int:
                   f"{route_ms:>9.4f} {100 * share:>6.2f}% {'yes' if share < args.target else 'NO'}")
         del step
         torch.cuda.empty_cache()
-    report = {"command": " ".join(["python", *sys.argv]),
-              "device": name, "peak_gbps": peak, "torch": torch.__version__,
-              "triton": getattr(nk.triton, "__version__", None), "metric": args.metric,
-              "precision": args.precision,
-              "model_shape": LLAMA_8B, "estimate": "route kernel ms / torch decode step ms",
-              "target_share": args.target, "repeats": args.repeats, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.out}")
+    save_report(args.out, {
+        "device": name, "peak_gbps": peak, "torch": torch.__version__,
+        "triton": getattr(nk.triton, "__version__", None), "metric": args.metric,
+        "precision": args.precision,
+        "model_shape": LLAMA_8B, "estimate": "route kernel ms / torch decode step ms",
+        "target_share": args.target, "repeats": args.repeats, "rows": rows})
     return 0
 
 
