@@ -8,10 +8,10 @@ same prompt sent again gets the base output.
 
 Run on a CUDA machine with TRITON_INTERPRET=0. (Where vLLM is not installed, a stand-in package
 of vLLM 0.32's LoRA op modules, with stubs for the little they import, can go on PYTHONPATH:
-that is how these ran on an H100 without vLLM; the stand-in is not part of the repository.) On CPU (TRITON_INTERPRET=1, tests/conftest.py)
-the `gpu` tests skip and the same bodies run in Triton's interpreter, vLLM's kernels injected
-(`interpreted_kernels`), in fp16 (bf16 is broken in the interpreter, see
-test_punica_apply.py).
+that is how these ran on an H100 without vLLM; the stand-in is not part of the repository.)
+On CPU (TRITON_INTERPRET=1, tests/conftest.py) the `gpu` tests skip and the same bodies run in
+Triton's interpreter, vLLM's kernels injected (`interpreted_kernels`), in fp16 (bf16 is broken
+in the interpreter, see test_punica_apply.py).
 
 States are small integers: exact in bf16 and in fp32 sums, so a routed request's query equals
 its edit's key on both devices and routing cannot differ by rounding.
@@ -25,6 +25,7 @@ import pytest
 import torch
 from helpers import make_synthetic_edit
 from interpreted_kernels import clear_pointer_caches, interpreted_vllm_ops
+from test_punica_backend import GROUPS, HIDDEN, INTER, KV, MODULES, WIDTHS
 
 from sola_vllm.arch import EditShape
 from sola_vllm.key_map import KeyMap
@@ -39,17 +40,7 @@ gpu = pytest.mark.skipif(not CUDA or INTERPRETED, reason="needs CUDA and TRITON_
 interpreted = pytest.mark.skipif(not INTERPRETED, reason="the interpreted run needs "
                                  "TRITON_INTERPRET=1")
 
-HIDDEN, INTER, KV, MODEL = 64, 96, 32, "m" * 64
-MODULES = ("self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj",
-           "mlp.down_proj")
-# one llama layer as vLLM holds it: q and v inside qkv_proj (k between them, never edited),
-# gate and up filling gate_up_proj, down_proj alone; and each linear's output width
-GROUPS = [[LoraTarget("0.self_attn.q_proj", 0, HIDDEN, HIDDEN),
-           LoraTarget("0.self_attn.v_proj", HIDDEN + KV, KV, HIDDEN)],
-          [LoraTarget("0.mlp.gate_proj", 0, INTER, HIDDEN),
-           LoraTarget("0.mlp.up_proj", INTER, INTER, HIDDEN)],
-          [LoraTarget("0.mlp.down_proj", 0, HIDDEN, INTER)]]
-WIDTHS = [HIDDEN + 2 * KV, 2 * INTER, HIDDEN]
+MODEL = "m" * 64  # the layer of test_punica_backend: q, v, gate, up, down in three linears
 MAX_TOKENS, MAX_SEQS = 64, 8
 # kernels vs the torch runtime (fp32 weights, unrounded shrink): test_punica_apply.py's bounds
 TOLERANCE = {torch.bfloat16: dict(atol=6e-2, rtol=4e-2),
