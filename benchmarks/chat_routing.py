@@ -1,0 +1,82 @@
+"""Chat requests: do prompts sent through the model's chat template route as the raw prompts do?
+
+Edits are keyed on their raw prompts (the engine captures a key by running the prompt as is).
+A client of /v1/chat/completions sends the same question wrapped in the chat template (system
+prompt, role markers, the assistant header last), so its key token and the states pooled into
+its key differ. Reads an evaluated store (`sola-vllm eval --out DIR`), makes the stream's edits
+active and routes, raw and chat-wrapped (`tokenizer.apply_chat_template`, one user message,
+generation prompt added), on the reported split:
+- edit prompts to their own edit (reliability's routing),
+- paraphrases to their own edit or one with the same answer (generality's routing),
+- unrelated prompts (locality) routed at all (they must not be).
+Routing only: no generation.
+
+    .venv/bin/python benchmarks/chat_routing.py --data ../shared/data/zsre_mend_eval_1000.json \
+        --eval-dir sola-eval [--config last-token]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without an installed sola_vllm
+    sys.path.insert(0, str(ROOT))
+
+from sola_vllm.engine import RoutedEngine  # noqa: E402
+from sola_vllm.eval.stored import open_stored, routes_at, share, store_parser  # noqa: E402
+
+
+def chat_wrapped(tokenizer, prompt: str) -> str:
+    """The text the server's chat endpoint would run for one user message."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def measure(groups: dict, routes: dict, by_id: dict) -> dict:
+    return {
+        "prompt_to_own": share(x == c.id for (c, _), x in zip(groups["prompt"],
+                                                              routes["prompt"])),
+        "paraphrase_to_own_or_same_answer": share(
+            x is not None and (x == c.id or by_id[x].target == c.target)
+            for (c, _), x in zip(groups["para"], routes["para"])),
+        "unrelated_routed": share(x is not None for x in routes["loc"]),
+    }
+
+
+def main() -> None:
+    ap = store_parser(__doc__.split("\n")[0])
+    args = ap.parse_args()
+    config, cfg, data, stream, edits = open_stored(args)
+    cases = [c for c in stream if c.split == cfg.split]
+    groups = {"prompt": [(c, c.prompt) for c in cases],
+              "para": [(c, p) for c in cases for p in c.paraphrases],
+              "loc": [(c, p) for c in cases for p in c.locality]}
+    engine = RoutedEngine.from_pretrained(None, config)
+    engine.add_all(edits)
+    by_id = {c.id: c for c in stream}
+    threshold = config.router.threshold
+    rows = {}
+    for form in ("raw", "chat"):
+        wrap = (lambda p: p) if form == "raw" else (lambda p: chat_wrapped(engine.tokenizer, p))
+        nearest = {k: engine.nearest(queries=engine.key_queries([wrap(p) for _, p in v], 64))
+                   for k, v in groups.items()}
+        routes = {k: routes_at(v, threshold) for k, v in nearest.items()}
+        rows[form] = measure(groups, routes, by_id)
+        print(f"{engine.shape.describe_keys()}, threshold {threshold:.4g}, {form}: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in rows[form].items()), flush=True)
+    name = Path(str(args.config)).stem
+    out = args.out or ROOT / "benchmarks" / "results" / f"chat_routing_{data.name}_{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "benchmark": "chat_routing", "data": str(args.data), "eval_dir": str(args.eval_dir),
+        "config": str(args.config), "keys": engine.shape.describe_keys(), "split": cfg.split,
+        "threshold": threshold, "edits": len(stream),
+        "n": {k: len(v) for k, v in groups.items()}, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
