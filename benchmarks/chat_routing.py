@@ -17,7 +17,6 @@ Routing only: no generation.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -26,7 +25,13 @@ if str(ROOT) not in sys.path:  # run from a checkout without an installed sola_v
     sys.path.insert(0, str(ROOT))
 
 from sola_vllm.engine import RoutedEngine  # noqa: E402
-from sola_vllm.eval.stored import open_stored, routes_at, share, store_parser  # noqa: E402
+from sola_vllm.eval.stored import (  # noqa: E402
+    open_stored,
+    routes_at,
+    share,
+    store_parser,
+    write_report,
+)
 
 
 def chat_wrapped(tokenizer, prompt: str) -> str:
@@ -68,15 +73,11 @@ def main() -> None:
         print(f"{engine.shape.describe_keys()}, threshold {threshold:.4g}, {form}: " + ", ".join(
             f"{k} {v:.3f}" for k, v in rows[form].items()), flush=True)
     name = Path(str(args.config)).stem
-    out = args.out or ROOT / "benchmarks" / "results" / f"chat_routing_{data.name}_{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "benchmark": "chat_routing", "data": str(args.data), "eval_dir": str(args.eval_dir),
-        "config": str(args.config), "keys": engine.shape.describe_keys(), "split": cfg.split,
-        "threshold": threshold, "edits": len(stream),
-        "n": {k: len(v) for k, v in groups.items()}, "rows": rows}, indent=1) + "\n")
-    print(f"wrote {out}")
-
+    write_report(args, "chat_routing",
+                 ROOT / "benchmarks" / "results" / f"chat_routing_{data.name}_{name}.json",
+                 {"keys": engine.shape.describe_keys(), "split": cfg.split,
+                  "threshold": threshold, "edits": len(stream),
+                  "n": {k: len(v) for k, v in groups.items()}, "rows": rows})
 
 if __name__ == "__main__":
     main()

@@ -17,7 +17,6 @@ Routing only (nearest keys through the reference engine); no token is generated.
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 from dataclasses import replace
@@ -29,7 +28,13 @@ if str(ROOT) not in sys.path:  # run from a checkout without an installed sola_v
 
 from sola_vllm.config import REVOKED_KEYS, SolaConfig  # noqa: E402
 from sola_vllm.engine import RoutedEngine  # noqa: E402
-from sola_vllm.eval.stored import open_stored, routes_at, share, store_parser  # noqa: E402
+from sola_vllm.eval.stored import (  # noqa: E402
+    open_stored,
+    routes_at,
+    share,
+    store_parser,
+    write_report,
+)
 
 
 def measure(engine, groups: dict, queries: dict, by_id: dict, threshold: float) -> dict:
@@ -100,13 +105,10 @@ def main() -> None:
               f"{drop['kept_paraphrase_to_own_or_same_answer']:.3f}")
     name = "zsre" if data.name == "zsre" else "counterfact"
     suffix = "_one_per_subject" if args.view == "one_per_subject" else ""
-    out = args.out or ROOT / "benchmarks" / "results" / f"revoked_keys_{name}{suffix}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "benchmark": "revoked_keys", "data": str(args.data), "eval_dir": str(args.eval_dir),
-        "config": args.config, "view": args.view, "split": cfg.split, "seed": cfg.seed,
-        "edits": len(stream), "revoked": len(revoked), "rows": rows}, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_report(args, "revoked_keys",
+                 ROOT / "benchmarks" / "results" / f"revoked_keys_{name}{suffix}.json",
+                 {"view": args.view, "split": cfg.split, "seed": cfg.seed,
+                  "edits": len(stream), "revoked": len(revoked), "rows": rows})
 
 
 if __name__ == "__main__":

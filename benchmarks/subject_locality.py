@@ -21,7 +21,6 @@ exactly, so it cannot change), i.e. 1 - the subject's locality.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -30,7 +29,13 @@ if str(ROOT) not in sys.path:  # run from a checkout without an installed sola_v
     sys.path.insert(0, str(ROOT))
 
 from sola_vllm.engine import RoutedEngine  # noqa: E402
-from sola_vllm.eval.stored import open_stored, routes_at, share, store_parser  # noqa: E402
+from sola_vllm.eval.stored import (  # noqa: E402
+    open_stored,
+    routes_at,
+    share,
+    store_parser,
+    write_report,
+)
 
 
 def measure(groups: dict, routes: dict, by_id: dict) -> dict:
@@ -90,15 +95,10 @@ def main() -> None:
     print(f"other-relation outputs changed at threshold {config.router.threshold:.4g}: "
           f"{changed['changed']:.3f} ({changed['routed']} routed of {changed['n']})", flush=True)
     name = Path(str(args.config)).stem
-    out = args.out or ROOT / "benchmarks" / "results" / f"subject_locality_{data.name}_{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "benchmark": "subject_locality", "data": str(args.data), "eval_dir": str(args.eval_dir),
-        "config": str(args.config), "keys": engine.shape.describe_keys(), "split": cfg.split,
-        "edits": len(stream), "rows": rows, "other_relation_outputs": changed},
-        indent=1) + "\n")
-    print(f"wrote {out}")
-
+    write_report(args, "subject_locality",
+                 ROOT / "benchmarks" / "results" / f"subject_locality_{data.name}_{name}.json",
+                 {"keys": engine.shape.describe_keys(), "split": cfg.split,
+                  "edits": len(stream), "rows": rows, "other_relation_outputs": changed})
 
 if __name__ == "__main__":
     main()

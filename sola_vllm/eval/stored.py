@@ -5,6 +5,7 @@ routes off nearest keys)."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from .harness import EvalConfig, edit_stream, edits_dir
@@ -68,3 +69,15 @@ def share(flags) -> float:
     """The share of true flags, rounded to 6 places (NaN when there are none)."""
     flags = list(flags)
     return round(sum(map(float, flags)) / len(flags), 6) if flags else float("nan")
+
+
+def write_report(args, benchmark: str, default_out: Path, report: dict) -> Path:
+    """`report` as JSON at --out (else `default_out`), after what names the run it read:
+    the benchmark, --data, --eval-dir and --config."""
+    out = args.out or default_out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": benchmark, "data": str(args.data),
+                               "eval_dir": str(args.eval_dir), "config": str(args.config),
+                               **report}, indent=1) + "\n")
+    print(f"wrote {out}")
+    return out
