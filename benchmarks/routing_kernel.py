@@ -12,7 +12,6 @@ triton for the kernel): the kernel file is imported by path, not through sola_vl
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -24,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "kernels"))
 import nearest_key as nk  # noqa: E402
-from cuda_timing import event_ms, peak_gbps  # noqa: E402
+from cuda_timing import event_ms, peak_gbps, save_report  # noqa: E402
 
 THRESHOLD = {"l2": 0.5, "cosine": 1e-3}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -147,13 +146,10 @@ def main() -> int:
                     rows = run_setup(setup, provs, args, args.device, peak)
                     print_rows(rows, first=not results)
                     results += rows
-    report = {"command": " ".join(["python", *sys.argv]),
-              "device": name, "peak_gbps": peak, "torch": torch.__version__,
-              "triton": getattr(nk.triton, "__version__", None), "providers": list(provs),
-              "warmup": args.warmup, "repeats": args.repeats, "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.out}")
+    save_report(args.out, {
+        "device": name, "peak_gbps": peak, "torch": torch.__version__,
+        "triton": getattr(nk.triton, "__version__", None), "providers": list(provs),
+        "warmup": args.warmup, "repeats": args.repeats, "results": results})
     return 0 if all(r["agrees_with_ref"] for r in results) else 1
 
 
