@@ -206,6 +206,9 @@ class TrainConfig:
     # report would take ~75 min to retrain (benchmarks/results/edit_defaults_stop_*.json)
     stop_loss: float = 0.002
     append_eos: bool = True  # train the EOS token after the target so generation stops there
+    # also train (and key) each prompt in its chat form, one user message in the model's chat
+    # template (`chat_form.py`), so /v1/chat/completions requests route to the edit too
+    chat_form: bool = False
 
     def __post_init__(self) -> None:
         _check(isinstance(self.steps, int) and not isinstance(self.steps, bool) and self.steps > 0,
@@ -221,6 +224,10 @@ class TrainConfig:
                f"init_std must be positive, got {self.init_std!r}")
         _check(_finite_number(self.stop_loss) and self.stop_loss >= 0,
                f"stop_loss must be >= 0, got {self.stop_loss!r}")
+        _check(isinstance(self.append_eos, bool), f"append_eos must be true or false, got "
+               f"{self.append_eos!r}")
+        _check(isinstance(self.chat_form, bool), f"chat_form must be true or false, got "
+               f"{self.chat_form!r}")
 
 
 @dataclass(slots=True)

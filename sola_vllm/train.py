@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .chat_form import with_chat_forms
 from .config import TrainConfig
 from .edit import Edit, lora_name, new_id, validate_id
 from .keys import pool_keys
@@ -116,11 +117,16 @@ def upper_layers_only(engine):
             setattr(backbone, spec.absolute_positions, positions)
 
 
-def _examples(engine, prompts: list[str], target: str, append_eos: bool):
+def _examples(engine, prompts: list[str], target: str, append_eos: bool,
+              chat_form: bool = False):
+    """(prompts, [(prompt ids, target ids)]): with `chat_form`, each prompt's chat form is
+    added after the given prompts (`chat_form.with_chat_forms`)."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if not prompts:
         raise ValueError("at least one prompt is needed")
+    if chat_form:
+        prompts = with_chat_forms(engine.tokenizer, prompts)
     examples = []
     for prompt in prompts:
         p_ids, t_ids = engine.encode(prompt), target_ids(engine, prompt, target, append_eos)
@@ -228,13 +234,14 @@ def train_edit(engine, prompts: list[str] | str, target: str, *, edit_id: str | 
                on_step: Callable[[int, float], None] | None = None) -> Edit:
     """Train one edit on `engine`'s frozen base model; returns the frozen `Edit` (not added).
 
-    `prompts`: one or more phrasings; each one's last-token residual becomes a routing key.
+    `prompts`: one or more phrasings; each one's key (read as the engine's shape says) becomes
+    a routing key; with `config.chat_form` each one's chat form is trained and keyed too.
     `target`: the continuation the edited model must produce (EOS appended by default).
     Deterministic under `config.seed`.
     """
     config = config or engine.config.train
     edit_id = validate_id(edit_id) if edit_id is not None else new_id()
-    prompts, examples = _examples(engine, prompts, target, config.append_eos)
+    prompts, examples = _examples(engine, prompts, target, config.append_eos, config.chat_form)
     started = time.perf_counter()
     batch = _training_batch(examples, engine.pad_token_id)
     keys, batch["h0"] = keys_and_h0(engine, batch)  # [B, H] fp32, [B, T, H]

@@ -54,7 +54,8 @@ def _train_chunk(engine, requests: list[EditRequest], config: TrainConfig) -> li
     rows_of, examples, prompts_of = [], [], []
     for req in requests:
         validate_id(req.edit_id)
-        prompts, ex = _examples(engine, list(req.prompts), req.target, config.append_eos)
+        prompts, ex = _examples(engine, list(req.prompts), req.target, config.append_eos,
+                                config.chat_form)
         rows_of.append(list(range(len(examples), len(examples) + len(ex))))
         examples += ex
         prompts_of.append(prompts)

@@ -75,6 +75,23 @@ def test_train_list_show_revoke_restore(capsys, trained_store, model, config_fil
     assert code == 0 and out["state"] == "active"
 
 
+def test_chat_form_trains_and_keys_the_chat_message_too(capsys, tmp_path, model, config_file):
+    from sola_vllm.chat_form import chat_prompt
+    from sola_vllm.engine import RoutedEngine
+
+    store = str(tmp_path / "edits")
+    code, out = run(capsys, "edit", "train", "--store", store, "--model", model, "--config",
+                    config_file, "--prompt", PROMPT, "--target", "blue harbor seven lantern",
+                    "--id", "chat", "--chat-form")
+    assert code == 0, out
+    chat = chat_prompt(RoutedEngine.from_pretrained(model).tokenizer, PROMPT)
+    assert out["edit"]["prompts"] == [PROMPT, chat] and out["edit"]["num_keys"] == 2
+    code, out = run(capsys, "generate", "--store", store, "--model", model, "--config",
+                    config_file, "--prompt", chat, "--max-tokens", "4")
+    assert code == 0 and out["results"][0]["edit"] == "chat"
+    assert out["results"][0]["text"] == "blue harbor seven lantern"
+
+
 def test_export_import_reproduces_identical_bytes(capsys, trained_store, tmp_path):
     store = str(trained_store)
     single = tmp_path / "secret.safetensors"

@@ -53,6 +53,35 @@ def test_edits_stick_stay_local_and_roll_back_exactly(first_run):
 
 
 @needs_data
+def test_chat_form_run_measures_chat_messages_with_edits_trained_on_them(first_run):
+    from sola_vllm.chat_form import chat_prompt
+    from sola_vllm.store import EditStore
+
+    raw_cfg, _ = first_run
+    train = dataclasses.replace(raw_cfg.config.train, chat_form=True)
+    cfg = dataclasses.replace(raw_cfg, prompt_form="chat", out=raw_cfg.out / "chat",
+                              config=dataclasses.replace(raw_cfg.config, train=train))
+    sola_method = build_methods(["sola"], cfg.config)[0]
+    raw_method = build_methods(["sola"], raw_cfg.config)[0]
+    assert edits_dir(cfg, sola_method).name != edits_dir(raw_cfg, raw_method).name  # a recipe
+    report = run(cfg)
+    assert report["meta"]["prompt_form"] == "chat"
+    sola = _method(report, "sola")
+    for row in sola["checkpoints"]:
+        assert row["reliability_em"] == 1.0 and row["locality"] == 1.0
+        assert row["routing"]["prompt_hit"] == 1.0 and row["routing"]["false_fire"] == 0.0
+    rollback = sola["rollback"]
+    assert rollback["revoked_exact"] == 1.0 and rollback["kept_reliability_em"] == 1.0
+    edits = EditStore(edits_dir(cfg, sola_method)).all()
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(raw_cfg.model)
+    assert all(e.prompts == [e.prompts[0], chat_prompt(tok, e.prompts[0])] for e in edits)
+    assert max(sola["distances"]["hit"]) < 1e-4  # each chat prompt sits on its own chat key
+    measured = {json.loads(json.loads(line)[0])[3]
+                for line in (cfg.out / "outcomes.jsonl").read_text().splitlines()}
+    assert {chat_prompt(tok, e.prompts[0]) for e in edits} <= measured
+
+
+@needs_data
 def test_a_rerun_resumes_without_training_or_generating_again(first_run):
     cfg, report = first_run
     journal = edits_dir(cfg, build_methods(["sola"], cfg.config)[0]) / "journal.jsonl"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import shlex
 import sys
 from pathlib import Path
 
 from .harness import EvalConfig, run
 from .methods import METHODS
+from .prompt_forms import PROMPT_FORMS
 
 QUICK = {"edits": 6, "checkpoints": (1, 3, 6), "joint_epochs": 3}
 
@@ -32,6 +35,14 @@ def add_parser(sub, add_model, add_json) -> None:
                    help="calibrate the sola method's threshold on the evaluated store: the "
                         "largest that keeps KEEP of the other split's prompts (and of its "
                         "locality prompts) unrouted; no reported record is read for it")
+    p.add_argument("--prompt-form", choices=PROMPT_FORMS, default="raw",
+                   help="measure prompts as written (raw, a completion) or each as a user "
+                        "message in the model's chat template (chat, as /v1/chat/completions "
+                        "runs it); edits train on the raw prompt, and on its chat form with "
+                        "--chat-form")
+    p.add_argument("--chat-form", action=argparse.BooleanOptionalAction, default=None,
+                   help="train each edit on its prompt's chat form too (default: the "
+                        "config's train.chat_form)")
     p.add_argument("--quick", action="store_true",
                    help=f"a CI-sized run: {QUICK['edits']} edits, T = 1, 3, 6")
     add_model(p)
@@ -44,11 +55,15 @@ def eval_command(args, command_config) -> dict:
     except ValueError as e:
         raise ValueError(f"--checkpoints must be comma-separated ints: {args.checkpoints}") from e
     options = {"edits": args.edits, "checkpoints": checkpoints, **(QUICK if args.quick else {})}
+    config = command_config(args)
+    if args.chat_form is not None:
+        config = dataclasses.replace(
+            config, train=dataclasses.replace(config.train, chat_form=args.chat_form))
     cfg = EvalConfig(data=args.data, engine=args.engine, out=args.out, split=args.split,
                      view=args.view,
                      methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-                     model=args.model, config=command_config(args),
-                     threshold_keep=args.threshold_keep, **options)
+                     model=args.model, config=config, threshold_keep=args.threshold_keep,
+                     prompt_form=args.prompt_form, **options)
     progress = None if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
     report = run(cfg, progress)
     report["meta"]["quick"] = bool(args.quick)

@@ -19,12 +19,14 @@ from pathlib import Path
 
 import torch
 
+from ..chat_form import with_chat_forms
 from ..config import SolaConfig
 from ..train_many import EditRequest
 from ..train_many import train_edits as train_many
 from .data import EditCase, load, one_per_subject
 from .methods import METHODS, Method, build_methods, router_summary
 from .outcomes import Outcomes
+from .prompt_forms import PROMPT_FORMS, in_form
 
 ENGINES = ("reference", "vllm")
 JOINT_BATCH, JOINT_LR, JOINT_MIN_STEPS = 16, 5e-3, 60  # lora-all: tuned to fit 3 pairs
@@ -50,6 +52,7 @@ class EvalConfig:
     joint_epochs: int = 8  # lora-all
     seed: int = 0  # which half is revoked in the rollback test
     threshold_keep: float | None = None  # sola's threshold from the store (store_threshold)
+    prompt_form: str = "raw"  # what is measured: raw prompts or chat messages (prompt_forms)
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -63,6 +66,8 @@ class EvalConfig:
         build_methods(list(self.methods), self.config)  # validates the names
         if self.threshold_keep is not None and not 0.0 < self.threshold_keep <= 1.0:
             raise ValueError(f"--threshold-keep must be in (0, 1], got {self.threshold_keep!r}")
+        if self.prompt_form not in PROMPT_FORMS:
+            raise ValueError(f"prompt form {self.prompt_form!r} is not one of {PROMPT_FORMS}")
 
 
 def edit_stream(cfg: EvalConfig):
@@ -102,7 +107,8 @@ def run(cfg: EvalConfig, progress=None) -> dict:
 
     meta = {
         "data": data.name, "data_path": str(cfg.data), "split": cfg.split, "view": cfg.view,
-        "engine": cfg.engine, "model": str(cfg.model or "SmolLM2-135M-Instruct (default)"),
+        "prompt_form": cfg.prompt_form, "engine": cfg.engine,
+        "model": str(cfg.model or "SmolLM2-135M-Instruct (default)"),
         "model_fingerprint": _model_fingerprint(cfg.model), "edits": len(stream),
         "checkpoints": checkpoints, "quick": False, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "seconds": round(time.perf_counter() - started, 1), "versions": _versions(),
@@ -158,12 +164,13 @@ def evaluate_method(cfg: EvalConfig, method: Method, stream: list[EditCase],
     rows, rollback, distances = [], None, None
     if method.kind == "routed":
         engine.add_all(train_edits(engine, method, stream, edits_dir(cfg, method), progress))
+    trained, stream = stream, in_form(stream, engine.tokenizer, cfg.prompt_form)
     for t in checkpoints:
         cases = evaluated(cfg, stream[:t])
         if method.kind == "routed":
             engine.set_active([c.id for c in stream[:t]])
         elif method.kind == "joint":
-            joint_lora(engine, cfg, method, stream[:t], t, progress)
+            joint_lora(engine, cfg, method, trained[:t], t, progress)
         # outputs are cached per trained recipe (and per joint LoRA), never across recipes
         variant = edits_dir(cfg, method).name
         if method.kind == "joint":
@@ -199,6 +206,8 @@ def edits_dir(cfg: EvalConfig, method: Method) -> Path:
     edit = recipe["edit"]
     if edit["key_pool"] == "last" and edit["route_layer"] is None:  # the paper's keys: the
         del edit["key_pool"], edit["route_layer"]  # recipe of runs made before pooled keys
+    if not recipe["train"]["chat_form"]:  # likewise for runs made before chat forms
+        del recipe["train"]["chat_form"]
     return cfg.out / "edits" / f"{method.name}-{fingerprint(recipe)[:10]}"
 
 
@@ -239,10 +248,19 @@ def joint_lora(engine, cfg: EvalConfig, method: Method, cases: list[EditCase], t
     steps_per_epoch = -(-len(cases) // JOINT_BATCH)
     epochs = max(cfg.joint_epochs, -(-JOINT_MIN_STEPS // steps_per_epoch))
     say(progress, f"  fine-tuning one LoRA on {len(cases)} edits ({epochs} epochs)")
-    edit = train_joint_lora(engine, [(c.prompt, c.target) for c in cases], epochs=epochs,
+    pairs = [(p, c.target) for c in cases for p in trained_prompts(engine, method, c)]
+    edit = train_joint_lora(engine, pairs, epochs=epochs,
                             batch_size=JOINT_BATCH, lr=JOINT_LR, seed=cfg.seed, edit_id=edit_id)
     store.add(edit)
     engine.add(edit)
+
+
+def trained_prompts(engine, method: Method, case: EditCase) -> list[str]:
+    """The prompts an edit of `case` trains on: its raw prompt, and its chat form when the
+    method's training config says so."""
+    if method.config.train.chat_form:
+        return with_chat_forms(engine.tokenizer, [case.prompt])
+    return [case.prompt]
 
 
 @contextlib.contextmanager

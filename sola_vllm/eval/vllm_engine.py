@@ -24,6 +24,7 @@ from types import SimpleNamespace
 from .data import EditCase
 from .harness import EvalConfig, _mean, edits_dir, evaluated, say, train_edits
 from .methods import Method, router_summary
+from .prompt_forms import in_form
 
 JOINT_REFUSED = "lora-all runs on the reference engine only (--engine reference)"
 MAX_MODEL_LEN = 1024
@@ -40,9 +41,11 @@ def evaluate_method_vllm(cfg: EvalConfig, method: Method, stream: list[EditCase]
         raise ValueError(f"method {method.name!r} has unknown kind {method.kind!r}")
     routed = method.kind == "routed"
     edits = _trained_edits(cfg, method, stream, progress) if routed else []
+    tokenizer = _tokenizer(cfg)
+    stream = in_form(stream, tokenizer, cfg.prompt_form)  # what is measured (trained: raw)
     final = evaluated(cfg, stream[:checkpoints[-1]])
     revoked = _revoked(cfg, stream) if routed else set()
-    scorer = _Scorer(cfg, final)
+    scorer = _Scorer(cfg, final, tokenizer)
     notes = {"start_seconds": 0.0, "add_seconds": 0.0, "generated_prompts": 0}
     rows, rollback = [], None
     with _stdout_to_stderr():  # vLLM and its engine processes log to stdout
@@ -150,16 +153,21 @@ class _Tokens:
         return out
 
 
+def _tokenizer(cfg: EvalConfig):
+    from transformers import AutoTokenizer
+
+    from ..models import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(cfg.model))
+
+
 class _Scorer:
     """Target token ids of the evaluated cases and the metrics of one set of generations."""
 
-    def __init__(self, cfg: EvalConfig, cases: list[EditCase]):
-        from transformers import AutoTokenizer
-
-        from ..models import resolve_model
+    def __init__(self, cfg: EvalConfig, cases: list[EditCase], tokenizer):
         from ..train import target_ids
 
-        holder = SimpleNamespace(tokenizer=AutoTokenizer.from_pretrained(resolve_model(cfg.model)))
+        holder = SimpleNamespace(tokenizer=tokenizer)
         self.loc_tokens = cfg.loc_tokens
         self.targets = {(p, c.target): target_ids(holder, p, c.target, append_eos=False)
                         for c in cases for p in (c.prompt, *c.paraphrases)}
