@@ -28,12 +28,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without an installed sola_vllm
     sys.path.insert(0, str(ROOT))
 
+from sola_vllm.chat_form import chat_prompt  # noqa: E402
 from sola_vllm.engine import RoutedEngine  # noqa: E402
 from sola_vllm.eval.stored import (  # noqa: E402
     open_stored,
     routes_at,
     share,
     store_parser,
+    with_chat_keys,
     write_report,
 )
 
@@ -66,10 +68,20 @@ def changed_outputs(engine, other: list, routes: list, tokens: int = 12) -> dict
             "changed": round(changed / len(other), 6), "tokens": tokens}
 
 
+def chat_form_of(engine, item):
+    """A group item (a prompt, or a (case, prompt) pair) with its prompt in chat form."""
+    if isinstance(item, str):
+        return chat_prompt(engine.tokenizer, item)
+    return item[0], chat_prompt(engine.tokenizer, item[1])
+
+
 def main() -> None:
     ap = store_parser(__doc__.split("\n")[0])
     ap.add_argument("--thresholds", type=float, nargs="+", default=None,
                     help="default: the configuration's own")
+    ap.add_argument("--chat", action="store_true",
+                    help="route every prompt in its chat form, each edit keyed on its prompt's "
+                         "chat form too (`with_chat_keys`; the LoRA is not retrained for it)")
     args = ap.parse_args()
     config, cfg, data, stream, edits = open_stored(args)
     cases = [c for c in stream if c.split == cfg.split]
@@ -79,6 +91,9 @@ def main() -> None:
     if not groups["other"]:
         sys.exit(f"{args.data}: no other-relation prompts (CounterFact-style data has them)")
     engine = RoutedEngine.from_pretrained(None, config)
+    if args.chat:
+        edits = with_chat_keys(engine, edits)
+        groups = {k: [chat_form_of(engine, p) for p in v] for k, v in groups.items()}
     engine.add_all(edits)
     nearest = {k: engine.nearest(queries=engine.key_queries(
         [p if isinstance(p, str) else p[1] for p in v], 64)) for k, v in groups.items()}
@@ -94,10 +109,10 @@ def main() -> None:
                               routes_at(nearest["other"], config.router.threshold))
     print(f"other-relation outputs changed at threshold {config.router.threshold:.4g}: "
           f"{changed['changed']:.3f} ({changed['routed']} routed of {changed['n']})", flush=True)
-    name = Path(str(args.config)).stem
+    name = Path(str(args.config)).stem + ("_chat" if args.chat else "")
     write_report(args, "subject_locality",
                  ROOT / "benchmarks" / "results" / f"subject_locality_{data.name}_{name}.json",
-                 {"keys": engine.shape.describe_keys(), "split": cfg.split,
+                 {"keys": engine.shape.describe_keys(), "split": cfg.split, "chat": args.chat,
                   "edits": len(stream), "rows": rows, "other_relation_outputs": changed})
 
 if __name__ == "__main__":

@@ -99,12 +99,13 @@ def fit(engine, pairs: list[tuple[str, str, str]], cfg: FitConfig) -> KeyMap:
 
 
 def calibrate(engine, key_map: KeyMap, paths: list[Path], keep: float,
-              metric: str) -> list[dict]:
+              metric: str, prompt_form: str = "raw") -> list[dict]:
     """The map's threshold on the files' dev splits (see the module docstring): one entry per
-    file, each with the file's own threshold and its rates at the map's (the smallest)."""
+    file, each with the file's own threshold and its rates at the map's (the smallest).
+    `prompt_form` "chat": keys and queries are the prompts' chat forms (`prompt_forms`)."""
     if metric != "cosine":
         raise ValueError("fit-metric calibrates cosine distances (router.metric 'cosine')")
-    measured = [DevDistances.measure(engine, key_map, path) for path in paths]
+    measured = [DevDistances.measure(engine, key_map, path, prompt_form) for path in paths]
     own = [m.threshold(keep) for m in measured]
     return [m.report(min(own), own_threshold, keep)
             for m, own_threshold in zip(measured, own, strict=True)]
@@ -127,9 +128,13 @@ class DevDistances:
     other_relation: torch.Tensor = field(default_factory=lambda: torch.empty(0))
 
     @classmethod
-    def measure(cls, engine, key_map: KeyMap, path: Path) -> DevDistances:
+    def measure(cls, engine, key_map: KeyMap, path: Path,
+                prompt_form: str = "raw") -> DevDistances:
+        from .prompt_forms import in_form
+
         data = load(path)
-        cases = [c for c in data.split("dev") if c.paraphrases]
+        cases = in_form([c for c in data.split("dev") if c.paraphrases], engine.tokenizer,
+                        prompt_form)
         subjects = list(dict.fromkeys(c.subject.lower() for c in cases))
         if len(subjects) < 4:
             raise DataError(f"{path}: its dev split has {len(subjects)} subjects; calibrating "

@@ -59,6 +59,22 @@ def open_stored(args, **options):
     return config, cfg, data, stream, edits
 
 
+def with_chat_keys(engine, edits: list) -> list:
+    """Each edit with one more key, its first prompt's chat form (`chat_form.chat_prompt`)
+    read by `engine`, and that form among its prompts; its LoRA is left as trained (for
+    benchmarks that measure routing only)."""
+    import dataclasses
+
+    import torch
+
+    from ..chat_form import chat_prompt
+
+    forms = [chat_prompt(engine.tokenizer, e.prompts[0]) for e in edits]
+    keys = engine.key_queries(forms, 64)
+    return [dataclasses.replace(e, prompts=[*e.prompts, form], keys=torch.cat([e.keys, key[None]]))
+            for e, form, key in zip(edits, forms, keys, strict=True)]
+
+
 def routes_at(nearest, threshold: float) -> list[str | None]:
     """The edit each nearest-key result routes to at `threshold` (None: no edit)."""
     return [r.edit_id if r.edit_id is not None and r.distance < threshold else None
