@@ -25,7 +25,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, type=Path,
                    help="JSON file with {edit:{...}, router:{...}, train:{...}} options, or the "
                         "name of a shipped one (smollm2-135m-instruct-mean-l6-strict, "
-                        "smollm2-135m-instruct-mean-l6, last-token); default: the model's "
+                        "smollm2-135m-instruct-mean-l6, smollm2-135m-instruct-mean-l6-chat "
+                        "for chat clients, last-token); default: the model's "
                         "recommended configuration (smollm2-135m-instruct-mean-l6-strict for "
                         "SmolLM2-135M-Instruct, last-token keys for other models), or the one "
                         "the store's edits were trained with")
@@ -56,19 +57,11 @@ def _add_push(edit) -> None:
     push.add_argument("--prompt", action="append",
                       help="train on the server: prompt to edit (repeatable)")
     push.add_argument("--target", help="with --prompt: the answer the model should give")
-    _add_chat_form(push)
     push.add_argument("--author", default="", help="who made the change (journal)")
     push.add_argument("--note", default="", help="free text for the journal")
     _add_admin_token(push)
     _add_preflight(push)
     _add_json(push)
-
-
-def _add_chat_form(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--chat-form", action=argparse.BooleanOptionalAction, default=None,
-                   help="also train each prompt as a chat message (the model's chat template), "
-                        "so /v1/chat/completions requests get the edit too (default: the "
-                        "config's train.chat_form)")
 
 
 def _add_preflight(p: argparse.ArgumentParser, state: bool = True) -> None:
@@ -161,7 +154,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--prompt", action="append", required=True,
                        help="prompt to edit (repeat for several phrasings)")
     train.add_argument("--target", required=True, help="the answer the model should give")
-    _add_chat_form(train)
     train.add_argument("--id", default=None, help="edit id (default: generated)")
     train.add_argument("--note", default="", help="free text kept with the edit")
     train.add_argument("--author", default="", help="who made the edit")

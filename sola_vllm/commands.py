@@ -7,7 +7,6 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 from . import preflight
@@ -148,10 +147,7 @@ def edit_train(args) -> dict:
     probes = _probes(args)  # a bad probe file fails before the model loads
     engine = open_engine(args.model, config, store, progress=not args.json)
     # the keys training stores are these same key queries: check before spending the training
-    training = engine.config.train
-    if args.chat_form is not None:
-        training = replace(training, chat_form=args.chat_form)
-    prompts = (with_chat_forms(engine.tokenizer, args.prompt) if training.chat_form
+    prompts = (with_chat_forms(engine.tokenizer, args.prompt) if engine.config.train.chat_form
                else args.prompt)
     new = KeyGroup(args.id or "new edit", state, engine.key_queries(prompts), prompts)
     check = _refuse_collisions(preflight.check_with_engine(engine, new, probes), args.force)
@@ -163,7 +159,7 @@ def edit_train(args) -> dict:
 
     try:
         edit = engine.train(args.prompt, args.target, edit_id=args.id, author=args.author,
-                            note=args.note, on_step=on_step, config=training)
+                            note=args.note, on_step=on_step)
     finally:
         bar.close()
     with audited(store.path, "train", edit.id, args.author):
@@ -342,7 +338,7 @@ def edit_push(args) -> dict:
             raise ValueError("--prompt needs --target (the answer the model should give)")
         reply = client.push_training(args.server, args.prompt, args.target, args.id,
                                      args.author, args.note, token=args.admin_token,
-                                     chat_form=args.chat_form, **_push_options(args))
+                                     **_push_options(args))
     else:
         if args.target:
             raise ValueError("--target goes with --prompt")

@@ -248,6 +248,8 @@ def train_edit(engine, prompts: list[str] | str, target: str, *, edit_id: str | 
     lora = _init_lora(engine, config.seed, config.init_std)
     info = _fit(engine, batch, lora, config, on_step)
     info["seconds"] = round(time.perf_counter() - started, 3)
+    if config.chat_form:  # read by `default_config`: such a store serves the chat threshold
+        info["chat_form"] = True
     shape = engine.shape
     return Edit(
         id=edit_id, prompts=prompts, target=target, keys=keys,

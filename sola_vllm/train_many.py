@@ -75,7 +75,8 @@ def _train_chunk(engine, requests: list[EditRequest], config: TrainConfig) -> li
             arch=shape.arch, layers=list(shape.layers), modules=list(shape.modules),
             rank=shape.rank, scale=shape.scale, key_pool=shape.key_pool,
             route_layer=shape.route_layer, note=req.note,
-            train_info={**info, "seconds": seconds, "batched": len(requests)}))
+            train_info={**info, "seconds": seconds, "batched": len(requests),
+                        **({"chat_form": True} if config.chat_form else {})}))
     return edits
 
 

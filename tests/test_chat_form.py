@@ -3,7 +3,6 @@ trained and keyed beside the raw prompt (`TrainConfig.chat_form`), and refused c
 tokenizer has no chat template."""
 
 import dataclasses
-import json
 
 import pytest
 import torch
@@ -103,19 +102,3 @@ def test_chat_form_must_be_a_bool(value):
     with pytest.raises(ValueError, match="chat_form must be true or false"):
         TrainConfig(chat_form=value)
 
-
-def test_http_train_requests_take_chat_form_as_a_bool():
-    from sola_vllm.serving.api import parse_train_request
-    from sola_vllm.serving.manager import RequestError
-
-    def parse(**fields):
-        return parse_train_request(json.dumps({"prompts": [PROMPT], "target": TARGET,
-                                               **fields}).encode())
-
-    assert parse()["chat_form"] is None  # the server's config decides
-    assert parse(chat_form=True)["chat_form"] is True
-    assert parse(chat_form=False)["chat_form"] is False
-    for bad in ("true", 1, [True]):
-        with pytest.raises(RequestError, match="'chat_form' must be true or false") as info:
-            parse(chat_form=bad)
-        assert info.value.status == 422

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -79,13 +80,17 @@ def test_chat_form_trains_and_keys_the_chat_message_too(capsys, tmp_path, model,
     from sola_vllm.chat_form import chat_prompt
     from sola_vllm.engine import RoutedEngine
 
-    store = str(tmp_path / "edits")
+    config = json.loads(Path(config_file).read_text())
+    config["train"]["chat_form"] = True
+    (chat_config := tmp_path / "chat.json").write_text(json.dumps(config))
+    store, config_file = str(tmp_path / "edits"), str(chat_config)
     code, out = run(capsys, "edit", "train", "--store", store, "--model", model, "--config",
                     config_file, "--prompt", PROMPT, "--target", "blue harbor seven lantern",
-                    "--id", "chat", "--chat-form")
+                    "--id", "chat")
     assert code == 0, out
     chat = chat_prompt(RoutedEngine.from_pretrained(model).tokenizer, PROMPT)
     assert out["edit"]["prompts"] == [PROMPT, chat] and out["edit"]["num_keys"] == 2
+    assert out["edit"]["train_info"]["chat_form"] is True
     code, out = run(capsys, "generate", "--store", store, "--model", model, "--config",
                     config_file, "--prompt", chat, "--max-tokens", "4")
     assert code == 0 and out["results"][0]["edit"] == "chat"

@@ -18,6 +18,7 @@ from sola_vllm.store import EditStore
 
 MEAN_L6 = "smollm2-135m-instruct-mean-l6"  # the key map, and the configuration at its threshold
 STRICT = "smollm2-135m-instruct-mean-l6-strict"  # the default model's recommended configuration
+CHAT = "smollm2-135m-instruct-mean-l6-chat"  # its variant for edits trained with chat forms
 MISSING_MODEL = "/nonexistent/model"  # the store decides: the weights are never needed
 
 
@@ -61,6 +62,18 @@ def test_a_store_of_mean_l6_edits_for_the_maps_model_keeps_the_recommended_confi
     store = _store(tmp_path, _map_model(), key_pool="mean", route_layer=6)
     choice = default_config(MISSING_MODEL, store)
     assert choice.name == STRICT and choice.config.router.key_map == MEAN_L6
+
+
+def test_a_store_of_chat_form_edits_gets_the_chat_threshold(tmp_path):
+    store = _store(tmp_path, _map_model(), key_pool="mean", route_layer=6,
+                   train_info={"steps": 3, "chat_form": True})
+    choice = default_config(MISSING_MODEL, store)
+    assert choice.name == CHAT and choice.config.train.chat_form
+    strict = load_config(STRICT)
+    assert choice.config.edit == strict.edit and choice.config.router.key_map == MEAN_L6
+    # chat forms' pooled keys sit closer together: a tighter threshold (map_threshold_chat)
+    assert choice.config.router.threshold == 0.0069 < strict.router.threshold
+    assert not strict.train.chat_form
 
 
 def test_a_store_of_last_token_edits_keeps_last_token_keys_on_the_default_model(tmp_path):

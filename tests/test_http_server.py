@@ -194,7 +194,8 @@ def bad_requests(rome: bytes) -> list[tuple[str, str, object, str | None, int]]:
         ("POST", edits, {"prompts": [ROME]}, None, 422),
         ("POST", edits, {"prompts": [ROME], "target": "x", "id": "../up"}, None, 400),
         ("POST", edits, {"prompts": [ROME], "target": "x", "extra": 1}, None, 422),
-        ("POST", edits, {"prompts": [ROME], "target": "x", "chat_form": "yes"}, None, 422),
+        # chat forms are the server's configuration (train.chat_form), not a request's choice
+        ("POST", edits, {"prompts": [ROME], "target": "x", "chat_form": True}, None, 422),
         ("POST", edits, b"", "application/octet-stream", 400),
         ("POST", edits, os.urandom(4096), "application/octet-stream", 422),
         ("POST", edits, rome[: len(rome) // 2], "application/octet-stream", 422),

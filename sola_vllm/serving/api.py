@@ -7,11 +7,10 @@ Entry point `vllm.endpoint_plugins: sola_api`; vLLM loads it only when `VLLM_PLU
                                           octet-stream; `?author=&note=` for the journal,
                                           `?state=staged|canary|active`, `?force=true`), or
                                           JSON {"prompts": [...], "target": "...", "id"?,
-                                          "note"?, "author"?, "state"?, "force"?, "probes"?,
-                                          "chat_form"?} trained here -> 201, with the
-                                          pre-flight "check"; "chat_form": true trains each
-                                          prompt's chat form too, for /v1/chat/completions
-                                          clients (default: the config's train.chat_form)
+                                          "note"?, "author"?, "state"?, "force"?, "probes"?}
+                                          trained here -> 201, with the pre-flight "check"
+                                          (with chat forms when the config's
+                                          train.chat_form says so)
     POST   /v1/sola/edits/check           pre-flight check without adding: JSON {"prompts":
                                           [...], "probes"?: [...], "id"?} -> the report
     GET    /v1/sola/edits                 every edit of the store, its serving state, stats
@@ -87,8 +86,7 @@ from .metrics import install_metrics
 
 logger = logging.getLogger("vllm.sola_vllm")  # under vLLM's logger: its handlers and format
 router = APIRouter()
-_JSON_FIELDS = {"prompts", "target", "id", "note", "author", "state", "force", "probes",
-                "chat_form"}
+_JSON_FIELDS = {"prompts", "target", "id", "note", "author", "state", "force", "probes"}
 _CHECK_FIELDS = {"prompts", "probes", "id"}
 
 
@@ -227,22 +225,17 @@ def parse_check_request(body: bytes) -> dict:
 
 
 def parse_train_request(body: bytes) -> dict:
-    """{"prompts": [str, ...] | str, "target": str, "id"?, "note"?, "author"?, "chat_form"?,
-    "state"?, "force"?, "probes"?} -> kwargs (the last three under "add")."""
+    """{"prompts": [str, ...] | str, "target": str, "id"?, "note"?, "author"?, "state"?,
+    "force"?, "probes"?} -> kwargs (the last three under "add")."""
     data = _json_object(body, _JSON_FIELDS)
     prompts = _prompts(data)
     target = data.get("target")
     if not isinstance(target, str) or not target.strip():
         raise RequestError(422, "invalid_request", "'target' must be a non-empty string")
     edit_id = data.get("id")
-    chat_form = data.get("chat_form")
-    if chat_form is not None and not isinstance(chat_form, bool):
-        raise RequestError(422, "invalid_request", f"'chat_form' must be true or false, got "
-                           f"{chat_form!r}")
     return {"prompts": prompts, "target": target,
             "edit_id": None if edit_id is None else checked_id(edit_id),
             "author": _text(data, "author"), "note": _text(data, "note"),
-            "chat_form": chat_form,
             "add": {**add_options(data.get("state"), data.get("force")),
                     "probes": _probes(data)}}
 

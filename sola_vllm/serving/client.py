@@ -76,15 +76,12 @@ def push_artifact(server: str, blob: bytes, author: str = "", note: str = "",
 
 def push_training(server: str, prompts: list[str], target: str, edit_id: str | None = None,
                   author: str = "", note: str = "", state: str = "active", force: bool = False,
-                  probes: list[str] | None = None, token: str | None = None,
-                  chat_form: bool | None = None) -> dict:
-    """Train an edit on the server (`chat_form` None: as the server's config says)."""
+                  probes: list[str] | None = None, token: str | None = None) -> dict:
+    """Train an edit on the server, as its config says."""
     data = {"prompts": prompts, "target": target, "author": author, "note": note,
             "state": state, "force": force}
     if edit_id is not None:
         data["id"] = edit_id
-    if chat_form is not None:
-        data["chat_form"] = chat_form
     if probes:
         data["probes"] = probes
     return request(server, "POST", "/v1/sola/edits", json.dumps(data).encode(),

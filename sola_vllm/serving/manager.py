@@ -31,7 +31,7 @@ import json
 import logging
 import os
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -512,19 +512,16 @@ class EditManager:
 
     # --- server-side training ---------------------------------------------------------------------
     async def train(self, prompts: list[str], target: str, edit_id: str | None,
-                    author: str, note: str, chat_form: bool | None = None) -> Edit:
-        """Train an edit on the server (`chat_form`: train each prompt's chat form too; None:
-        as the config's train.chat_form says)."""
+                    author: str, note: str) -> Edit:
+        """Train an edit on the server, as the server's config says (its chat forms too
+        under train.chat_form: the routing threshold is calibrated for one or the other)."""
         if edit_id is not None and await self.exists(edit_id):
             raise RequestError(409, "conflict", f"edit {edit_id} already exists")
         async with self._train_lock:  # one training at a time: the reference engine is shared
             engine = await asyncio.to_thread(self._training_engine)
-            config = engine.config.train
-            if chat_form is not None:
-                config = replace(config, chat_form=chat_form)
             try:
                 return await asyncio.to_thread(engine.train, prompts, target, edit_id=edit_id,
-                                               author=author, note=note, config=config)
+                                               author=author, note=note)
             except ValueError as exc:
                 raise RequestError(422, "invalid_edit", str(exc)) from exc
 
