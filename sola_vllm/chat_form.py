@@ -60,6 +60,12 @@ def with_chat_forms(tokenizer, prompts: list[str]) -> list[str]:
     return out
 
 
+def trained_prompts(tokenizer, prompts: list[str], chat_form: bool) -> list[str]:
+    """The prompts an edit with these prompts is trained and keyed on: with their chat forms
+    when `chat_form` (`TrainConfig.chat_form`)."""
+    return with_chat_forms(tokenizer, prompts) if chat_form else list(prompts)
+
+
 def _adds_bos(tokenizer) -> bool:
     bos_id = tokenizer.bos_token_id
     ids = tokenizer("a", add_special_tokens=True).input_ids

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from . import preflight
-from .chat_form import with_chat_forms
+from .chat_form import trained_prompts
 from .config import EditConfig, SolaConfig
 from .edit import EditFormatError
 from .key_map import SHIPPED as SHIPPED_CONFIGS
@@ -147,8 +147,7 @@ def edit_train(args) -> dict:
     probes = _probes(args)  # a bad probe file fails before the model loads
     engine = open_engine(args.model, config, store, progress=not args.json)
     # the keys training stores are these same key queries: check before spending the training
-    prompts = (with_chat_forms(engine.tokenizer, args.prompt) if engine.config.train.chat_form
-               else args.prompt)
+    prompts = trained_prompts(engine.tokenizer, args.prompt, engine.config.train.chat_form)
     new = KeyGroup(args.id or "new edit", state, engine.key_queries(prompts), prompts)
     check = _refuse_collisions(preflight.check_with_engine(engine, new, probes), args.force)
     bar = tqdm(total=config.train.steps, desc="training edit", disable=args.json, leave=False)
@@ -293,6 +292,8 @@ def _offline_check(args, store: EditStore, edit, state: str,
     if probes or edit is None:
         engine = open_engine(args.model, command_config(args, store, edit), store,
                              progress=not args.json)
+        if edit is None:  # keyed as training would key them
+            prompts = trained_prompts(engine.tokenizer, prompts, engine.config.train.chat_form)
         new = (KeyGroup(edit.id, state, edit.keys.float(), edit.prompts) if edit is not None
                else KeyGroup(args.id or "new edit", state, engine.key_queries(prompts), prompts))
         return preflight.check_with_engine(engine, new, probes)

@@ -136,9 +136,12 @@ class RouterConfig:
     included (`benchmarks/map_threshold.py`). On the test splits: generality 0.172 on zsRE's
     full stream and 0.211 with one record per subject (last-token keys: 0.062; the map's
     threshold: 0.544 and 0.801), other-relation prompts routed 0.7 %, reliability and locality
-    1.000. Neither is this dataclass's default, which serves every model: a map is fitted for
-    one model (others have none yet), and mean keys turn vLLM's prefix caching off under Model
-    Runner V2 (the V1 runner keeps it, with per-block state sums).
+    1.000. For chat clients `smollm2-135m-instruct-mean-l6-chat` keys each edit on its chat
+    form too (`TrainConfig.chat_form`) at threshold 0.0069, the same dev rule on chat forms:
+    their pooled keys share the chat template and sit closer together. Neither is this
+    dataclass's default, which serves every model: a map is fitted for one model (others have
+    none yet), and mean keys turn vLLM's prefix caching off under Model Runner V2 (the V1
+    runner keeps it, with per-block state sums).
 
     `revoked_keys`: "drop" (default) removes a revoked edit's keys, as if it had never been
     added: its prompt may then route to the next nearest edit. "block" keeps them in the table,

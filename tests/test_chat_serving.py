@@ -49,6 +49,12 @@ def test_a_chat_form_edit_answers_chat_clients_and_revokes_exactly(server, defau
     assert edited[EDITED][0].startswith(TARGET), edited[EDITED]
     assert edited[UNRELATED] == base[UNRELATED]
     assert complete(url, EDITED)[0].startswith(" " + TARGET)  # completions still reach it
+    # the pre-flight check keys a new edit's chat form too: both of its keys collide
+    status, report = call(url, "POST", "/v1/sola/edits/check", {"prompts": [EDITED]})
+    assert status == 200, report
+    chat_form = chat_prompt(default_engine.tokenizer, EDITED)
+    assert {(c["edit"], c["prompt"]) for c in report["collisions"]} == {
+        ("rhine-chat", EDITED), ("rhine-chat", chat_form)}, report
     status, reply = call(url, "DELETE", "/v1/sola/edits/rhine-chat")
     assert status == 200, reply
     assert {m: chat(url, m) for m in messages} == base

@@ -95,6 +95,10 @@ def test_chat_form_trains_and_keys_the_chat_message_too(capsys, tmp_path, model,
                     config_file, "--prompt", chat, "--max-tokens", "4")
     assert code == 0 and out["results"][0]["edit"] == "chat"
     assert out["results"][0]["text"] == "blue harbor seven lantern"
+    # a pre-flight check keys the new prompts as training would: with their chat forms
+    code, out = run(capsys, "edit", "check", "--store", store, "--model", model, "--config",
+                    config_file, "--prompt", PROMPT)
+    assert code == 1 and {c["prompt"] for c in out["store"]["collisions"]} == {PROMPT, chat}
 
 
 def test_export_import_reproduces_identical_bytes(capsys, trained_store, tmp_path):

@@ -176,6 +176,7 @@ class EditManager:
         self.lock = asyncio.Lock()
         self._train_lock = asyncio.Lock()
         self._trainer = None
+        self._tokenizer = None  # for chat forms in pre-flight checks (`_trained_prompts`)
         self._sent: set[asyncio.Task] = set()  # RPCs sent, their replies not yet in
 
     # --- engine -------------------------------------------------------------------------------
@@ -388,7 +389,10 @@ class EditManager:
     async def check(self, prompts: list[str], probes: list[str] | None = None,
                     name: str = "new edit") -> dict:
         """The pre-flight report of an edit with these prompts, which is not added: its keys
-        and the probes' are captured in the engine, as an add would."""
+        (its prompts' chat forms' too when the config trains them) and the probes' are
+        captured in the engine, as an add would."""
+        if self.settings.config.train.chat_form:
+            prompts = await asyncio.to_thread(self._trained_prompts, prompts)
         ids = await self._capture(prompts)
         probe_ids: list[str] = []
         try:
@@ -524,6 +528,20 @@ class EditManager:
                                                author=author, note=note)
             except ValueError as exc:
                 raise RequestError(422, "invalid_edit", str(exc)) from exc
+
+    def _trained_prompts(self, prompts: list[str]) -> list[str]:
+        from ..chat_form import trained_prompts
+
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            from ..models import resolve_model
+
+            self._tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.settings.model))
+        try:
+            return trained_prompts(self._tokenizer, prompts, True)
+        except ValueError as exc:
+            raise RequestError(422, "invalid_request", str(exc)) from exc
 
     def _training_engine(self):
         if self._trainer is None:
