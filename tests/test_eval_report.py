@@ -297,3 +297,9 @@ def test_benchmark_script_names_a_variant_whose_revoked_keys_block(report, tmp_p
     md = out.read_text()
     assert md.count(", revoked keys block (sola)") == 2  # the variant's and the engine's title
     assert "revoked keys block" not in md.split("## On the")[0]  # the main run drops them
+
+
+def test_a_chat_run_says_its_prompts_were_chat_messages(report):
+    chat = {**report, "meta": {**report["meta"], "prompt_form": "chat"}}
+    assert "every prompt sent as a chat message" in rp.meta_block(chat)
+    assert "chat message" not in rp.meta_block(report)

@@ -223,6 +223,7 @@ def meta_block(report: dict) -> str:
     g = meta.get
     lines = [
         f"- **data**: {g('data', DASH)}, split {g('split', DASH)}, view {g('view', DASH)}"
+        + (", every prompt sent as a chat message" if g("prompt_form") == "chat" else "")
         + (f" (`{g('data_path')}`)" if g("data_path") else ""),
         f"- **engine**: {g('engine', DASH)}; **model**: {g('model', DASH)}"
         + (f" (fingerprint `{g('model_fingerprint')}`)" if g("model_fingerprint") else ""),
