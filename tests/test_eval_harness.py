@@ -82,6 +82,24 @@ def test_chat_form_run_measures_chat_messages_with_edits_trained_on_them(first_r
 
 
 @needs_data
+def test_the_lora_all_baseline_trains_on_the_chat_forms_too(first_run):
+    from sola_vllm.chat_form import chat_prompt
+    from sola_vllm.store import EditStore
+
+    raw_cfg, _ = first_run
+    train = dataclasses.replace(raw_cfg.config.train, chat_form=True)
+    cfg = dataclasses.replace(raw_cfg, prompt_form="chat", out=raw_cfg.out / "chat-joint",
+                              edits=2, checkpoints=(2,), methods=("lora-all",), joint_epochs=1,
+                              config=dataclasses.replace(raw_cfg.config, train=train))
+    report = run(cfg)
+    assert _method(report, "lora-all")["checkpoints"][0]["T"] == 2
+    (joint,) = EditStore(edits_dir(cfg, build_methods(["lora-all"], cfg.config)[0])).all()
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(raw_cfg.model)
+    raw = joint.prompts[::2]
+    assert len(raw) == 2 and joint.prompts[1::2] == [chat_prompt(tok, p) for p in raw]
+
+
+@needs_data
 def test_a_rerun_resumes_without_training_or_generating_again(first_run):
     cfg, report = first_run
     journal = edits_dir(cfg, build_methods(["sola"], cfg.config)[0]) / "journal.jsonl"

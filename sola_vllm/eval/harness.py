@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..chat_form import with_chat_forms
+from ..chat_form import trained_prompts
 from ..config import SolaConfig
 from ..train_many import EditRequest
 from ..train_many import train_edits as train_many
@@ -248,19 +248,13 @@ def joint_lora(engine, cfg: EvalConfig, method: Method, cases: list[EditCase], t
     steps_per_epoch = -(-len(cases) // JOINT_BATCH)
     epochs = max(cfg.joint_epochs, -(-JOINT_MIN_STEPS // steps_per_epoch))
     say(progress, f"  fine-tuning one LoRA on {len(cases)} edits ({epochs} epochs)")
-    pairs = [(p, c.target) for c in cases for p in trained_prompts(engine, method, c)]
+    chat_form = method.config.train.chat_form  # the chat forms too, as each edit trains
+    pairs = [(p, c.target) for c in cases
+             for p in trained_prompts(engine.tokenizer, [c.prompt], chat_form)]
     edit = train_joint_lora(engine, pairs, epochs=epochs,
                             batch_size=JOINT_BATCH, lr=JOINT_LR, seed=cfg.seed, edit_id=edit_id)
     store.add(edit)
     engine.add(edit)
-
-
-def trained_prompts(engine, method: Method, case: EditCase) -> list[str]:
-    """The prompts an edit of `case` trains on: its raw prompt, and its chat form when the
-    method's training config says so."""
-    if method.config.train.chat_form:
-        return with_chat_forms(engine.tokenizer, [case.prompt])
-    return [case.prompt]
 
 
 @contextlib.contextmanager
