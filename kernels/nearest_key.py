@@ -111,12 +111,13 @@ def _nearest_key_partial_kernel(
 
 @_jit
 def _nearest_key_combine_kernel(
-        q_ptr, k_ptr, owners_ptr, valid_ptr, part_dist_ptr, part_idx_ptr, edit_ptr, dist_ptr,
-        index_ptr, threshold, D, num_splits, stride_qs, stride_qd, stride_kn, stride_kd,
-        IS_L2: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
-        BLOCK_D: tl.constexpr):
+        q_ptr, k_ptr, owners_ptr, valid_ptr, key_thr_ptr, part_dist_ptr, part_idx_ptr, edit_ptr,
+        dist_ptr, index_ptr, threshold, D, num_splits, stride_qs, stride_qd, stride_kn, stride_kd,
+        IS_L2: tl.constexpr, HAS_VALID: tl.constexpr, PER_KEY_THR: tl.constexpr,
+        BLOCK_SPLIT: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program s: first minimum over the splits (they are in key order), then the winner's
-    distance again by explicit differences, like the reference; threshold, valid, owners."""
+    distance again by explicit differences, like the reference; threshold (the winner's own
+    with PER_KEY_THR), valid, owners."""
     s = tl.program_id(0)
     offs = tl.arange(0, BLOCK_SPLIT)
     part = tl.load(part_dist_ptr + s * num_splits + offs, mask=offs < num_splits,
@@ -144,7 +145,10 @@ def _nearest_key_combine_kernel(
         q_norm = tl.maximum(tl.sqrt_rn(tl.sum(qq, axis=0)), 1e-12)
         k_norm = tl.maximum(tl.sqrt_rn(tl.sum(kk, axis=0)), 1e-12)
         dist = tl.maximum(1.0 - tl.div_rn(tl.sum(qk, axis=0), q_norm * k_norm), 0.0)
-    hit = dist < threshold
+    if PER_KEY_THR:  # noqa: SIM108 (a constexpr branch, resolved at compile time)
+        hit = dist < tl.load(key_thr_ptr + n)
+    else:
+        hit = dist < threshold
     index = n.to(tl.int64)
     if HAS_VALID:
         ok = tl.load(valid_ptr + s) != 0
@@ -224,6 +228,18 @@ def _check_inputs(queries, keys, owners, metric):
         raise ValueError(f"owners {tuple(owners.shape)} must be [N={keys.shape[0]}]")
 
 
+def _key_thresholds(threshold, num_keys: int, device: torch.device) -> torch.Tensor | None:
+    """`threshold` as per-key thresholds (fp32 [N] on the keys' device), or None if a number."""
+    if not isinstance(threshold, torch.Tensor):
+        return None
+    if threshold.dtype != torch.float32 or threshold.shape != (num_keys,):
+        raise ValueError(f"per-key thresholds must be fp32 [N={num_keys}], got "
+                         f"{threshold.dtype} {tuple(threshold.shape)}")
+    if threshold.device != device:
+        raise ValueError(f"per-key thresholds are on {threshold.device}, keys on {device}")
+    return threshold
+
+
 def _check_launch(queries, keys, owners, valid, key_norms, out, input_precision):
     """Dtype, shape and device asserts of `nearest_key`; returns its (edit, dist, index)."""
     num_queries, dev = queries.shape[0], queries.device
@@ -253,7 +269,9 @@ def nearest_key(queries, keys, owners, threshold, metric="cosine", valid=None, k
     """Triton version of `nearest_key_ref`, same semantics and outputs:
     Semantics: n*[s] = argmin_n dist(q[s], k[n])   (ties -> the lowest key index n)
                edit[s] = owners[n*[s]] if valid[s] and dist(q[s], k[n*[s]]) < threshold else -1
+               (with per-key thresholds: < threshold[n*[s]], the winner's own)
     queries: fp32/fp16/bf16 [S, d]  keys: fp32 [N, d]  owners: int32/int64 [N]  valid: bool [S]
+    threshold: a number, or fp32 [N] on the keys' device (one per key)
     key_norms: fp32 [N] = keys.square().sum(1) or None (then computed in-kernel: one more
     reduction per key tile, which costs the cosine path bandwidth; the router passes them)
     out: optional preallocated (edit int32 [S], dist fp32 [S], index int64 [S]), written in place
@@ -266,12 +284,14 @@ def nearest_key(queries, keys, owners, threshold, metric="cosine", valid=None, k
     less than the ranking's rounding may be ordered unlike the reference: a few ulp, or for the
     l2 expansion ~1e-7 * (|q|^2 + |k|^2) / dist; exact ties (duplicate keys) go to the lowest
     index on every path. Rows with valid False are computed, then masked.
-    Graph-safe: no host sync; `threshold` is a Python float, baked into a captured graph.
+    Graph-safe: no host sync; a number `threshold` is baked into a captured graph, per-key
+    thresholds are read from their tensor at replay.
     launch_override: tiles and grid (see `_launch_config`), for benchmarks/routing_kernel_tune.py.
     """
     if triton is None:
         raise RuntimeError("nearest_key needs triton; use nearest_key_ref or nearest_key_torch_mm")
     _check_inputs(queries, keys, owners, metric)
+    key_thr = _key_thresholds(threshold, keys.shape[0], keys.device)
     edit, dist, index = _check_launch(queries, keys, owners, valid, key_norms, out,
                                       input_precision)
     (num_queries, dim), num_keys = queries.shape, keys.shape[0]
@@ -291,9 +311,11 @@ def nearest_key(queries, keys, owners, threshold, metric="cosine", valid=None, k
         BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
     _nearest_key_combine_kernel[(num_queries,)](
-        queries, keys, owners, owners if valid is None else valid, part_dist, part_idx, edit,
-        dist, index, float(threshold), dim, splits, *queries.stride(), *keys.stride(),
-        IS_L2=is_l2, HAS_VALID=valid is not None, BLOCK_SPLIT=triton.next_power_of_2(splits),
+        queries, keys, owners, owners if valid is None else valid,
+        keys if key_thr is None else key_thr, part_dist, part_idx, edit, dist, index,
+        0.0 if key_thr is not None else float(threshold), dim, splits, *queries.stride(),
+        *keys.stride(), IS_L2=is_l2, HAS_VALID=valid is not None,
+        PER_KEY_THR=key_thr is not None, BLOCK_SPLIT=triton.next_power_of_2(splits),
         BLOCK_D=min(1024, triton.next_power_of_2(dim)))
     return edit, dist, index
 
@@ -324,8 +346,10 @@ def pairwise_distance_ref(queries: torch.Tensor, keys: torch.Tensor, metric: str
 
 
 def _finish(best, index, owners, threshold, valid):
-    """Threshold, valid mask and owner lookup shared by the torch versions."""
-    hit = best < threshold
+    """Threshold (a number, or the winner's own of per-key thresholds), valid mask and owner
+    lookup shared by the torch versions."""
+    key_thr = _key_thresholds(threshold, owners.shape[0], owners.device)
+    hit = best < (threshold if key_thr is None else key_thr[index.clamp_min(0)])
     if valid is not None:
         hit &= valid.bool()
         best = torch.where(valid.bool(), best, torch.full_like(best, float("inf")))
@@ -353,7 +377,9 @@ def nearest_key_ref(
     """Semantics: n*[s] = argmin_n dist(q[s], k[n])   (ties -> the lowest key index n)
                   edit[s] = owners[n*[s]] if valid[s] and dist(q[s], k[n*[s]]) < threshold
                             else -1
+                  (per-key thresholds: < threshold[n*[s]], the winning key's own)
     queries: [S, d]  keys: [N, d]  owners: int [N]  valid: bool [S] (None = all valid)
+    threshold: a number, or fp32 [N] on the keys' device (one per key)
     key_units: `unit_rows(keys)` [N, d], precomputed (cosine only; see pairwise_distance_ref)
     -> (edit int32 [S], dist fp32 [S] (inf where skipped or N == 0), key index int64 [S] or -1)
     """

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sola_vllm.kernels.nearest_key import nearest_key_ref
+from sola_vllm.kernels.nearest_key import nearest_key_ref, pairwise_distance_ref
 
 
 def loop_reference(queries, keys, owners, threshold, metric):
@@ -90,3 +90,37 @@ def test_precomputed_unit_keys_give_bit_identical_results():
     for a, b in zip(fresh, cached, strict=True):
         assert torch.equal(a, b)
     assert fresh[0][4] == 100 and fresh[1][4] < 1e-6
+
+
+def test_per_key_thresholds_test_the_winning_keys_own():
+    """Two keys, the query at distance 0.5 of key 0 and 1.5 of key 1: key 0 wins, and the
+    route depends on key 0's threshold only (key 1's, however large, does not matter)."""
+    keys = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
+    query = torch.tensor([[0.5, 0.0]])
+    owners = torch.tensor([7, 8])
+    routed = nearest_key_ref(query, keys, owners, torch.tensor([0.6, 0.1]), "l2")
+    blocked = nearest_key_ref(query, keys, owners, torch.tensor([0.5, 10.0]), "l2")
+    assert routed[0].tolist() == [7] and blocked[0].tolist() == [-1]  # strict: 0.5 !< 0.5
+    assert blocked[2].tolist() == [0] and blocked[1].tolist() == [0.5]
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_per_key_thresholds_match_a_loop(metric):
+    torch.manual_seed(0)
+    queries, keys = torch.randn(9, 6), torch.randn(13, 6)
+    owners = torch.arange(13) % 4
+    dist = pairwise_distance_ref(queries, keys, metric)
+    best, index = dist.min(dim=1)
+    key_thr = torch.full((13,), float(best.median()))  # about half the queries hit...
+    key_thr[::2] *= 1.5  # ...more where their nearest key is an even one
+    edit, _, _ = nearest_key_ref(queries, keys, owners, key_thr, metric)
+    want = [int(owners[i]) if b < key_thr[i] else -1 for b, i in zip(best, index)]
+    assert edit.tolist() == want and -1 in want and any(w >= 0 for w in want)
+
+
+def test_per_key_thresholds_must_be_one_fp32_per_key():
+    q, k, owners = torch.randn(2, 4), torch.randn(3, 4), torch.zeros(3, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"fp32 \[N=3\]"):
+        nearest_key_ref(q, k, owners, torch.ones(2), "l2")
+    with pytest.raises(ValueError, match=r"fp32 \[N=3\]"):
+        nearest_key_ref(q, k, owners, torch.ones(3, dtype=torch.float64), "l2")

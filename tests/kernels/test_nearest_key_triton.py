@@ -172,6 +172,24 @@ def test_threshold_is_strict_and_invalid_rows_are_skipped():
     assert edit.tolist() == [-1, -1, 3] and dist[1].isinf() and index.tolist() == [0, -1, 0]
 
 
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("num_queries", [1, 6, 20], ids=["S1", "S6", "S20-dot"])
+def test_per_key_thresholds_route_as_the_reference(num_queries, metric, provider):
+    """Per-key thresholds (one per key; the winner's own decides): half the keys get a
+    threshold above every distance, half one below, so each path must read the winner's."""
+    queries, keys, owners, threshold, valid, _ = routing_case(num_queries, 130, 60, metric,
+                                                              torch.float32)
+    key_thr = torch.where(torch.arange(130) % 2 == 0, 1e9, 0.0).float()
+    want = nearest_key_ref(queries, keys, owners, key_thr, metric, valid)
+    kept = valid if valid is not None else torch.ones(num_queries, dtype=torch.bool)
+    even = want[2] % 2 == 0
+    assert torch.equal(want[0] >= 0, even & kept)  # the winner's threshold decided
+    args = [t.to(DEVICE) if t is not None else None for t in (queries, keys, owners, valid)]
+    got = PROVIDERS[provider](*args[:3], key_thr.to(DEVICE), metric, args[3])
+    assert_same_routing(got, want, torch.float32)
+
+
 @pytest.mark.parametrize("num_queries", [0, 3], ids=["S0", "S3"])
 def test_no_keys_routes_nothing(num_queries):
     out = (torch.zeros(num_queries, dtype=torch.int32, device=DEVICE),
@@ -218,6 +236,8 @@ def test_bad_arguments_are_refused():
         nearest_key(q, torch.randn(3, 9), owners, 1.0, "l2")
     with pytest.raises(AssertionError):
         nearest_key(q, k.half(), owners, 1.0, "l2")  # keys must be fp32
+    with pytest.raises(ValueError, match=r"fp32 \[N=3\]"):
+        nearest_key(q, k, owners, torch.ones(4), "l2")  # one threshold per key
 
 
 def test_module_imports_and_refers_without_triton():
