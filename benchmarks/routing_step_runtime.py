@@ -78,7 +78,7 @@ def route_decode_rows(runtime: SolaRuntime, batch: int) -> list[str]:
     """Requests d0..d{B-1} routed once at their key token: even ones to an edit (the query is
     one of its keys, spread over the edits), odd ones to none. Returns their ids."""
     ids = [f"d{j}" for j in range(batch)]
-    keys, owners, _ = runtime.routed_keys(False)
+    keys, owners = runtime.routed_keys(False)[:2]
     hidden = torch.randn(batch, keys.shape[1], device="cuda")
     half = (batch + 1) // 2
     hidden[::2] = keys[torch.arange(half, device="cuda") * (keys.shape[0] // half)]

@@ -66,6 +66,13 @@ def trained_prompts(tokenizer, prompts: list[str], chat_form: bool) -> list[str]
     return with_chat_forms(tokenizer, prompts) if chat_form else list(prompts)
 
 
+def prompt_forms(given: list[str], trained: list[str]) -> list[str]:
+    """The form of each of `trained` (what `trained_prompts` made of `given`): "raw" for a
+    given prompt, "chat" for a chat form it added (`config.KEY_FORMS`)."""
+    given = set(given)
+    return ["raw" if p in given else "chat" for p in trained]
+
+
 def _adds_bos(tokenizer) -> bool:
     bos_id = tokenizer.bos_token_id
     ids = tokenizer("a", add_special_tokens=True).input_ids

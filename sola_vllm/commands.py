@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from . import preflight
-from .chat_form import trained_prompts
+from .chat_form import prompt_forms, trained_prompts
 from .config import EditConfig, SolaConfig
 from .edit import EditFormatError
 from .key_map import SHIPPED as SHIPPED_CONFIGS
@@ -148,7 +148,8 @@ def edit_train(args) -> dict:
     engine = open_engine(args.model, config, store, progress=not args.json)
     # the keys training stores are these same key queries: check before spending the training
     prompts = trained_prompts(engine.tokenizer, args.prompt, engine.config.train.chat_form)
-    new = KeyGroup(args.id or "new edit", state, engine.key_queries(prompts), prompts)
+    new = KeyGroup(args.id or "new edit", state, engine.key_queries(prompts), prompts,
+                   prompt_forms(args.prompt, prompts))
     check = _refuse_collisions(preflight.check_with_engine(engine, new, probes), args.force)
     bar = tqdm(total=config.train.steps, desc="training edit", disable=args.json, leave=False)
 
@@ -293,17 +294,29 @@ def _offline_check(args, store: EditStore, edit, state: str,
         engine = open_engine(args.model, command_config(args, store, edit), store,
                              progress=not args.json)
         if edit is None:  # keyed as training would key them
-            prompts = trained_prompts(engine.tokenizer, prompts, engine.config.train.chat_form)
-        new = (KeyGroup(edit.id, state, edit.keys.float(), edit.prompts) if edit is not None
-               else KeyGroup(args.id or "new edit", state, engine.key_queries(prompts), prompts))
+            trained = trained_prompts(engine.tokenizer, prompts, engine.config.train.chat_form)
+            new = KeyGroup(args.id or "new edit", state, engine.key_queries(trained), trained,
+                           prompt_forms(prompts, trained))
+        else:
+            new = _key_group(edit, state)
         return preflight.check_with_engine(engine, new, probes)
     router = command_config(args, store, edit).router
-    routed = [KeyGroup(e.id, e.state, e.keys.float(), e.prompts)
-              for e in (store.load().edits if store.exists() else [])
+    routed = [_key_group(e, e.state) for e in (store.load().edits if store.exists() else [])
               if e.state in ("active", "canary")]
-    new = KeyGroup(edit.id, state, edit.keys.float(), edit.prompts)
-    return preflight.check(new, routed, router.threshold, router.metric,
+    return preflight.check(_key_group(edit, state), routed, router.thresholds, router.metric,
                            key_map=router.load_key_map())
+
+
+def _key_group(edit, state: str) -> KeyGroup:
+    return KeyGroup(edit.id, state, edit.keys.float(), edit.prompts, edit.forms())
+
+
+def _thresholds_text(thresholds: dict[str, float]) -> str:
+    """"threshold 0.037", or with chat keys at their own: "threshold 0.037, chat keys 0.0069"."""
+    text = f"threshold {thresholds['raw']:.4g}"
+    if thresholds["chat"] != thresholds["raw"]:
+        text += f", chat keys {thresholds['chat']:.4g}"
+    return text
 
 
 def _refuse_collisions(check: dict, force: bool) -> dict:
@@ -314,7 +327,7 @@ def _refuse_collisions(check: dict, force: bool) -> dict:
 
 def _check_lines(check: dict, header: bool = True) -> list[str]:
     lines = [f"edit {check['edit']}: {'ok' if check['ok'] else 'COLLIDES'} "
-             f"({check['metric']} threshold {check['threshold']:.4g})"] if header else []
+             f"({check['metric']} {_thresholds_text(check['thresholds'])})"] if header else []
     lines += [f"  collides with {c['edit']} ({c['state']}) at distance {c['distance']:.4g}: "
               f"{c['prompt']!r} ~ {c['other_prompt']!r}" for c in check["collisions"]]
     if check["probes"] is not None:

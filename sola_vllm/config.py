@@ -24,6 +24,10 @@ REVOKED_KEYS = ("block", "drop")
 # last token, the paper's choice) or "mean" (the mean over every prompt token but the first,
 # whose state is an outlier every prompt shares); see `keys.pool_keys`.
 KEY_POOLS = ("last", "mean")
+# Which form of its prompt a routing key was read from: "raw" (the prompt as given, what a
+# completions client sends) or "chat" (its chat form, `chat_form.chat_prompt`, what a
+# /v1/chat/completions client sends). Each form has its own threshold (RouterConfig).
+KEY_FORMS = ("raw", "chat")
 DEFAULT_THRESHOLD = 0.006  # cosine, last-token keys (see RouterConfig)
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
@@ -137,8 +141,9 @@ class RouterConfig:
     full stream and 0.211 with one record per subject (last-token keys: 0.062; the map's
     threshold: 0.544 and 0.801), other-relation prompts routed 0.7 %, reliability and locality
     1.000. For chat clients `smollm2-135m-instruct-mean-l6-chat` keys each edit on its chat
-    form too (`TrainConfig.chat_form`) at threshold 0.0069, the same dev rule on chat forms:
-    their pooled keys share the chat template and sit closer together. Neither is this
+    form too (`TrainConfig.chat_form`); chat-form keys route under `chat_threshold` 0.0069, the
+    same dev rule on chat forms (their pooled keys share the chat template and sit closer
+    together), raw keys under 0.037, so one store serves both kinds of client. Neither is this
     dataclass's default, which serves every model: a map is fitted for one model (others have
     none yet), and mean keys turn vLLM's prefix caching off under Model Runner V2 (the V1
     runner keeps it, with per-block state sums).
@@ -162,6 +167,9 @@ class RouterConfig:
 
     metric: str = "cosine"
     threshold: float | None = None  # None: the key map's calibrated threshold, else 0.006
+    # the threshold of keys read from chat forms (`KEY_FORMS`); None: `threshold`. A request
+    # routes when its distance to its nearest key is below that key's own threshold
+    chat_threshold: float | None = None
     key_map: str | None = None
     revoked_keys: str = "drop"  # one of REVOKED_KEYS; see below
 
@@ -176,6 +184,16 @@ class RouterConfig:
             self.threshold = self._default_threshold()
         _check(_finite_number(self.threshold) and self.threshold > 0,
                f"threshold must be a positive finite number, got {self.threshold!r}")
+        _check(self.chat_threshold is None
+               or (_finite_number(self.chat_threshold) and self.chat_threshold > 0),
+               f"chat_threshold must be a positive finite number or null, got "
+               f"{self.chat_threshold!r}")
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """The threshold of each key form (`KEY_FORMS`)."""
+        chat = self.threshold if self.chat_threshold is None else self.chat_threshold
+        return {"raw": float(self.threshold), "chat": float(chat)}
 
     def _default_threshold(self) -> float:
         if self.key_map is None:

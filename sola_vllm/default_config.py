@@ -19,14 +19,15 @@ and 0.544 (0.801, 0.576) at the map's threshold; reliability and locality are 1.
 
 Any other model gets `SolaConfig()`: last-token keys, which need no fitted map.
 
-`smollm2-135m-instruct-mean-l6-chat` is the strict configuration for chat clients: each edit
-is trained and keyed on its prompt's chat form too (`TrainConfig.chat_form`), and the threshold
-is 0.0069, the same dev rule applied to chat forms (`benchmarks/map_threshold.py --prompt-form
-chat`). Chat messages share the template's system prompt and role markers, so their pooled
-keys sit closer together: at 0.037 a chat-form key would catch 92 % of the other-relation chat
-prompts and 40 % of the same-relation ones about other subjects (CounterFact test,
-`benchmarks/subject_locality.py --chat`). A store whose edits were trained with chat forms is
-served with it.
+`smollm2-135m-instruct-mean-l6-chat` is the strict configuration that also serves chat
+clients: each edit is trained and keyed on its prompt's chat form too (`TrainConfig.chat_form`).
+Chat-form keys route under `chat_threshold` 0.0069, the same dev rule applied to chat forms
+(`benchmarks/map_threshold.py --prompt-form chat`); raw keys keep 0.037 (both configurations
+carry both thresholds). Chat messages share the template's system prompt and role markers, so
+their pooled keys sit closer together: at 0.037 a chat-form key would catch 92 % of the
+other-relation chat prompts and 40 % of the same-relation ones about other subjects
+(CounterFact test, `benchmarks/subject_locality.py --chat`). A store whose edits were trained
+with chat forms is served, and trains new edits, with it.
 
 An edit store that already holds edits keeps the configuration its keys were read with (as
 does an edit imported into an empty store): the recommended one when the edits' key reading
@@ -49,7 +50,7 @@ from .store import EditStore
 # shipped configurations that are their model's default (first match wins)
 RECOMMENDED = ("smollm2-135m-instruct-mean-l6-strict",)
 # a recommended configuration's variant for edits trained with their chat forms
-# (`TrainConfig.chat_form`): the same keys, at the threshold calibrated on chat forms
+# (`TrainConfig.chat_form`): the same keys and thresholds, chat forms trained too
 CHAT_VARIANTS = {"smollm2-135m-instruct-mean-l6-strict": "smollm2-135m-instruct-mean-l6-chat"}
 LAST_TOKEN = "last-token"  # shipped too: SolaConfig() itself, by name (`--config last-token`)
 

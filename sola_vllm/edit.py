@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .config import KEY_POOLS
+from .config import KEY_FORMS, KEY_POOLS
 
 FORMAT = "sola-vllm-edit"
 FORMAT_VERSION = 1
@@ -67,6 +67,9 @@ class Edit:
     # layer); only non-default values are written, so older artifacts keep their bytes
     key_pool: str = "last"
     route_layer: int | None = None
+    # the form of the prompt each key was read from (`config.KEY_FORMS`), one per key; None:
+    # every key is "raw" (the one spelling of that, so older artifacts keep their bytes)
+    key_forms: list[str] | None = None
 
     def __post_init__(self) -> None:
         validate_id(self.id)
@@ -75,6 +78,12 @@ class Edit:
         self.validate()
         if self.route_layer == min(self.layers):  # one spelling of the default
             self.route_layer = None
+        if self.key_forms is not None and set(self.key_forms) == {"raw"}:
+            self.key_forms = None
+
+    def forms(self) -> list[str]:
+        """Each key's form ("raw" or "chat"): which threshold routes it."""
+        return list(self.key_forms) if self.key_forms is not None else ["raw"] * len(self.keys)
 
     # --- validation -------------------------------------------------------------------------
     def validate(self) -> None:
@@ -103,6 +112,15 @@ class Edit:
                  f"edit {self.id}: bad route layer {self.route_layer!r}")
         _require(isinstance(self.scale, float | int) and math.isfinite(self.scale),
                  f"edit {self.id}: bad scale {self.scale!r}")
+        if self.key_forms is not None:
+            _require(isinstance(self.key_forms, list | tuple)
+                     and all(f in KEY_FORMS for f in self.key_forms),
+                     f"edit {self.id}: key forms {self.key_forms!r} must each be one of "
+                     f"{KEY_FORMS}")
+            _require(len(self.key_forms) == self.keys.shape[0],
+                     f"edit {self.id}: {len(self.key_forms)} key forms for "
+                     f"{self.keys.shape[0]} keys")
+            self.key_forms = list(self.key_forms)
 
     # --- (de)serialization --------------------------------------------------------------------
     def metadata(self) -> dict:
@@ -124,6 +142,8 @@ class Edit:
             spec["key_pool"] = self.key_pool
         if self.route_layer is not None and self.route_layer != min(self.layers):
             spec["route_layer"] = self.route_layer
+        if self.key_forms is not None:
+            spec["key_forms"] = self.key_forms
         return spec
 
     def to_bytes(self) -> bytes:
@@ -157,7 +177,10 @@ class Edit:
                                            "shape_fingerprint", "arch", "layers", "modules",
                                            "rank", "scale", "created", "author", "note",
                                            "train_info")}
-            fields.update({k: meta[k] for k in ("key_pool", "route_layer") if k in meta})
+            fields.update({k: meta[k] for k in ("key_pool", "route_layer", "key_forms")
+                           if k in meta})
+            if "key_forms" not in meta and meta["train_info"].get("chat_form"):
+                fields["key_forms"] = _chat_trained_forms(meta["prompts"], tensors["keys"])
             return cls(keys=tensors["keys"], lora=lora, state=state, **fields)
         except EditFormatError:
             raise
@@ -187,6 +210,16 @@ def mismatch(edit: Edit, model_fingerprint: str, shape_fingerprint: str, layers,
         return (f"edit {edit.id} edits layers {edit.layers} modules {edit.modules}; {here} "
                 f"edits layers {list(layers)} modules {list(modules)}")
     return None
+
+
+def _chat_trained_forms(prompts: list[str], keys: torch.Tensor) -> list[str] | None:
+    """The key forms of an artifact trained with chat forms before edits recorded them: its
+    prompts were the given ones, then one chat form each (`chat_form.with_chat_forms`), one
+    key per prompt."""
+    half = len(prompts) // 2
+    if len(prompts) != 2 * half or keys.shape[0] != len(prompts):
+        return None  # not what chat-form training wrote: every key raw, as recorded
+    return ["raw"] * half + ["chat"] * half
 
 
 def lora_name(layer: int, module: str) -> str:

@@ -37,6 +37,13 @@ class EditMismatchError(ValueError):
 class Route:
     edit_id: str | None
     distance: float
+    key_form: str = "raw"  # the form of the nearest key (`config.KEY_FORMS`): its threshold
+
+    def under(self, thresholds: dict[str, float]) -> str | None:
+        """The edit this nearest key routes to under `thresholds` (one per key form, as
+        `RouterConfig.thresholds`), or None."""
+        routed = self.edit_id is not None and self.distance < thresholds[self.key_form]
+        return self.edit_id if routed else None
 
 
 @dataclass
@@ -79,6 +86,7 @@ class RoutedEngine:
         self._pending: _Batch | None = None  # prefill: routes decided in the route-layer hook
         self._slots: torch.Tensor | None = None  # [B] decided routes (-1 = none)
         self._distances: torch.Tensor | None = None
+        self._forms: list[str] = []  # [B] the form of each row's nearest key
         self._apply_mask: torch.Tensor | None = None  # [B, T] for the current forward
         self.decoder_layers[shape.route_layer].register_forward_pre_hook(self._route_layer_hook,
                                                                          with_kwargs=True)
@@ -209,11 +217,12 @@ class RoutedEngine:
     def _rebuild_table(self) -> None:
         blocking = ([e for e in self.edits.values() if e.id in self.revoked]
                     if self.router.revoked_keys == "block" else [])
+        thresholds = self.router.thresholds
         self.table = KeyTable.build([e for e in self.edits.values() if e.id in self.active],
-                                    self.key_map, blocking)
+                                    thresholds, self.key_map, blocking)
         self.canary_table = KeyTable.build([e for e in self.edits.values()
                                             if e.id in self.active or e.id in self.canary],
-                                           self.key_map, blocking)
+                                           thresholds, self.key_map, blocking)
 
     @property
     def routing_table(self) -> KeyTable:
@@ -250,12 +259,13 @@ class RoutedEngine:
         """Raw keys or queries [S, d] into the space distances are taken in (the key map's)."""
         return queries.float() if self.key_map is None else self.key_map(queries)
 
-    def route_keys(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """queries: raw [S, d] -> (slot int64 [S] (-1 = none), distance fp32 [S])."""
+    def route_keys(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """queries: raw [S, d] -> (slot int64 [S] (-1 = none), distance fp32 [S], the nearest
+        key's form); each query routes below its nearest key's own threshold (its form's)."""
         table = self.routing_table
-        slot, dist, _ = nearest_key_ref(self.mapped(queries), table.keys, table.owners,
-                                        self.router.threshold, self.router.metric)
-        return slot.long(), dist
+        slot, dist, index = nearest_key_ref(self.mapped(queries), table.keys, table.owners,
+                                            table.thresholds, self.router.metric)
+        return slot.long(), dist, [table.forms[i] if i >= 0 else "raw" for i in index.tolist()]
 
     def key_queries(self, prompts: list[str], batch_size: int = 32) -> torch.Tensor:
         """The routing query of each prompt, raw fp32 [B, H]: its states entering the route
@@ -281,16 +291,16 @@ class RoutedEngine:
                 queries: torch.Tensor | None = None) -> list[Route]:
         """Each prompt's nearest active key, whatever its distance (no threshold): the edit that
         owns it (None when no edit is active, or when the nearest key is a revoked edit's that
-        blocks) and the distance. For calibrating thresholds.
+        blocks), the distance and the key's form. For calibrating thresholds.
         `queries` (from `key_queries`) may be given instead of the prompts."""
         if queries is None:
             queries = self.key_queries(prompts)
         if len(self.table) == 0:
             return [Route(None, float("inf")) for _ in range(queries.shape[0])]
-        slot, dist, _ = nearest_key_ref(self.mapped(queries), self.table.keys,
-                                        self.table.owners, float("inf"), self.router.metric)
-        return [Route(self.table.edit_ids[s] if s >= 0 else None, float(d))
-                for s, d in zip(slot.tolist(), dist.tolist(), strict=True)]
+        slot, dist, index = nearest_key_ref(self.mapped(queries), self.table.keys,
+                                            self.table.owners, float("inf"), self.router.metric)
+        return [Route(self.table.edit_ids[s] if s >= 0 else None, float(d), self.table.forms[i])
+                for s, d, i in zip(slot.tolist(), dist.tolist(), index.tolist(), strict=True)]
 
     def _route_layer_hook(self, module, args, kwargs):
         """Prefill: decide every row's route from its states entering the route layer."""
@@ -299,7 +309,7 @@ class RoutedEngine:
         hidden = args[0] if args else kwargs["hidden_states"]  # [B, T, H]
         pending = self._pending
         queries = pool_keys(hidden, pending.attention_mask, pending.key_pos, self.shape.key_pool)
-        self._slots, self._distances = self.route_keys(queries)
+        self._slots, self._distances, self._forms = self.route_keys(queries)
         self._pending = None
         return None
 
@@ -312,8 +322,9 @@ class RoutedEngine:
 
     def routes(self) -> list[Route]:
         ids = self.routing_table.edit_ids
-        return [Route(ids[s] if s >= 0 else None, float(d))
-                for s, d in zip(self._slots.tolist(), self._distances.tolist(), strict=True)]
+        return [Route(ids[s] if s >= 0 else None, float(d), form)
+                for s, d, form in zip(self._slots.tolist(), self._distances.tolist(),
+                                      self._forms, strict=True)]
 
     # --- forward --------------------------------------------------------------------------------
     def _forward(self, input_ids, attention_mask, position_ids, past, apply_mask):

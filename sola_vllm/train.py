@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .chat_form import with_chat_forms
+from .chat_form import prompt_forms, with_chat_forms
 from .config import TrainConfig
 from .edit import Edit, lora_name, new_id, validate_id
 from .keys import pool_keys
@@ -241,14 +241,15 @@ def train_edit(engine, prompts: list[str] | str, target: str, *, edit_id: str | 
     """
     config = config or engine.config.train
     edit_id = validate_id(edit_id) if edit_id is not None else new_id()
-    prompts, examples = _examples(engine, prompts, target, config.append_eos, config.chat_form)
+    given = [prompts] if isinstance(prompts, str) else list(prompts)
+    prompts, examples = _examples(engine, given, target, config.append_eos, config.chat_form)
     started = time.perf_counter()
     batch = _training_batch(examples, engine.pad_token_id)
     keys, batch["h0"] = keys_and_h0(engine, batch)  # [B, H] fp32, [B, T, H]
     lora = _init_lora(engine, config.seed, config.init_std)
     info = _fit(engine, batch, lora, config, on_step)
     info["seconds"] = round(time.perf_counter() - started, 3)
-    if config.chat_form:  # read by `default_config`: such a store serves the chat threshold
+    if config.chat_form:  # read by `default_config`: such a store trains chat forms too
         info["chat_form"] = True
     shape = engine.shape
     return Edit(
@@ -257,4 +258,5 @@ def train_edit(engine, prompts: list[str] | str, target: str, *, edit_id: str | 
         model_fingerprint=engine.model_fingerprint, shape_fingerprint=shape.fingerprint(),
         arch=shape.arch, layers=list(shape.layers), modules=list(shape.modules),
         rank=shape.rank, scale=shape.scale, key_pool=shape.key_pool,
-            route_layer=shape.route_layer, author=author, note=note, train_info=info)
+        route_layer=shape.route_layer, author=author, note=note, train_info=info,
+        key_forms=prompt_forms(given, prompts))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .chat_form import prompt_forms
 from .config import TrainConfig
 from .edit import Edit, validate_id
 from .train import (
@@ -75,6 +76,7 @@ def _train_chunk(engine, requests: list[EditRequest], config: TrainConfig) -> li
             arch=shape.arch, layers=list(shape.layers), modules=list(shape.modules),
             rank=shape.rank, scale=shape.scale, key_pool=shape.key_pool,
             route_layer=shape.route_layer, note=req.note,
+            key_forms=prompt_forms(list(req.prompts), prompts),
             train_info={**info, "seconds": seconds, "batched": len(requests),
                         **({"chat_form": True} if config.chat_form else {})}))
     return edits

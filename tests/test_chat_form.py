@@ -78,7 +78,7 @@ def test_chat_form_training_keys_and_answers_both_forms(engine):
     engine.add(edit := engine.train([PROMPT], TARGET, edit_id="chat"))
     try:
         chat = chat_prompt(engine.tokenizer, PROMPT)
-        assert edit.prompts == [PROMPT, chat]
+        assert edit.prompts == [PROMPT, chat] and edit.key_forms == ["raw", "chat"]
         assert edit.train_info["fit"], edit.train_info
         # each key is what routing reads from that prompt (the engine's own key query)
         torch.testing.assert_close(edit.keys, engine.key_queries([PROMPT, chat]), rtol=1e-5,
@@ -91,10 +91,20 @@ def test_chat_form_training_keys_and_answers_both_forms(engine):
         engine.remove("chat")
 
 
+def test_batched_training_keys_chat_forms_as_chat_keys(engine):
+    from sola_vllm.train_many import EditRequest, train_edits
+
+    quick = dataclasses.replace(CONFIG.train, steps=2)
+    (edit,) = train_edits(engine, [EditRequest("many", (PROMPT, "Another prompt"), TARGET)],
+                          quick)
+    assert edit.key_forms == ["raw", "raw", "chat", "chat"] and edit.keys.shape[0] == 4
+    assert edit.prompts[2:] == [chat_prompt(engine.tokenizer, p) for p in edit.prompts[:2]]
+
+
 def test_without_chat_form_only_the_raw_prompt_is_trained(engine):
     raw_only = dataclasses.replace(CONFIG.train, chat_form=False)
     edit = engine.train([PROMPT], TARGET, edit_id="raw", config=raw_only)
-    assert edit.prompts == [PROMPT] and edit.keys.shape[0] == 1
+    assert edit.prompts == [PROMPT] and edit.keys.shape[0] == 1 and edit.forms() == ["raw"]
 
 
 @pytest.mark.parametrize("value", ["yes", 1, None])

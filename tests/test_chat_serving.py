@@ -1,6 +1,7 @@
 """Chat clients: `sola-vllm serve --config smollm2-135m-instruct-mean-l6-chat` on the default
-model trains each edit on its prompt's chat form too (`train.chat_form`) and routes at the
-threshold calibrated on chat forms. A chat message asking the edited question gets the new
+model trains each edit on its prompt's chat form too (`train.chat_form`), and routes its
+chat-form key at the threshold calibrated on chat forms, its raw key at the default's
+(`RouterConfig.chat_threshold`). A chat message asking the edited question gets the new
 answer from /v1/chat/completions, run from exactly the tokens the chat form was keyed on; an
 unrelated chat message and, after the edit is revoked, every message keep the base model's
 exact tokens; completions still reach the edit."""
@@ -45,6 +46,7 @@ def test_a_chat_form_edit_answers_chat_clients_and_revokes_exactly(server, defau
                                                          "id": "rhine-chat"})
     assert status == 201, reply
     assert reply["edit"]["prompts"] == [EDITED, chat_prompt(default_engine.tokenizer, EDITED)]
+    assert reply["edit"]["key_forms"] == ["raw", "chat"]
     edited = {m: chat(url, m) for m in messages}
     assert edited[EDITED][0].startswith(TARGET), edited[EDITED]
     assert edited[UNRELATED] == base[UNRELATED]
@@ -55,6 +57,10 @@ def test_a_chat_form_edit_answers_chat_clients_and_revokes_exactly(server, defau
     chat_form = chat_prompt(default_engine.tokenizer, EDITED)
     assert {(c["edit"], c["prompt"]) for c in report["collisions"]} == {
         ("rhine-chat", EDITED), ("rhine-chat", chat_form)}, report
+    assert report["thresholds"] == {"raw": 0.037, "chat": 0.0069}
+    # each key collides within its own form's threshold (both keys are the same as the new ones)
+    assert {c["prompt"]: c["threshold"] for c in report["collisions"]} == {
+        EDITED: 0.037, chat_form: 0.0069}
     status, reply = call(url, "DELETE", "/v1/sola/edits/rhine-chat")
     assert status == 200, reply
     assert {m: chat(url, m) for m in messages} == base

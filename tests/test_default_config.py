@@ -64,16 +64,17 @@ def test_a_store_of_mean_l6_edits_for_the_maps_model_keeps_the_recommended_confi
     assert choice.name == STRICT and choice.config.router.key_map == MEAN_L6
 
 
-def test_a_store_of_chat_form_edits_gets_the_chat_threshold(tmp_path):
+def test_a_store_of_chat_form_edits_keeps_training_chat_forms(tmp_path):
     store = _store(tmp_path, _map_model(), key_pool="mean", route_layer=6,
                    train_info={"steps": 3, "chat_form": True})
     choice = default_config(MISSING_MODEL, store)
     assert choice.name == CHAT and choice.config.train.chat_form
     strict = load_config(STRICT)
-    assert choice.config.edit == strict.edit and choice.config.router.key_map == MEAN_L6
-    # chat forms' pooled keys sit closer together: a tighter threshold (map_threshold_chat)
-    assert choice.config.router.threshold == 0.0069 < strict.router.threshold
+    assert choice.config.edit == strict.edit and choice.config.router == strict.router
     assert not strict.train.chat_form
+    # chat forms' pooled keys sit closer together: chat-form keys route under a tighter
+    # threshold (map_threshold_chat), raw keys under the default's
+    assert strict.router.thresholds == {"raw": 0.037, "chat": 0.0069}
 
 
 def test_a_store_of_last_token_edits_keeps_last_token_keys_on_the_default_model(tmp_path):

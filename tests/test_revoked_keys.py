@@ -33,15 +33,17 @@ def test_config_refuses_an_unknown_mode():
     with pytest.raises(ValueError, match="revoked_keys"):
         ServingConfig("llama", LAYERS, MODULES, "s" * 64, "m" * 64, revoked_keys="")
 
+THRESHOLDS = {"raw": 0.5, "chat": 0.25}
+
 
 def test_table_lists_blocking_keys_after_routed_ones_owned_by_minus_one():
     a, b = make_synthetic_edit("a", num_keys=2, seed=1), make_synthetic_edit("b", seed=2)
     c = make_synthetic_edit("c", num_keys=3, seed=3)
-    table = KeyTable.build([a, b], blocking=[c])
+    table = KeyTable.build([a, b], THRESHOLDS, blocking=[c])
     assert table.edit_ids == ["a", "b"]
     assert table.owners.tolist() == [0, 0, 1, -1, -1, -1]
     assert torch.equal(table.keys, torch.cat([a.keys, b.keys, c.keys]))
-    only_blocking = KeyTable.build([], blocking=[c])
+    only_blocking = KeyTable.build([], THRESHOLDS, blocking=[c])
     assert only_blocking.edit_ids == [] and only_blocking.owners.tolist() == [-1, -1, -1]
 
 

@@ -4,6 +4,8 @@ once, refusing a Triton router that cannot run. The kernel runs in Triton's inte
 (TRITON_INTERPRET=1, tests/conftest.py); on a CUDA machine with TRITON_INTERPRET=0 the same
 routing test runs it compiled on the GPU."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -24,17 +26,22 @@ needs_triton = pytest.mark.skipif(not route_kernel.interpreted() and not CUDA,
 DEVICE = "cuda" if CUDA and not route_kernel.interpreted() else "cpu"
 
 
-def runtime(router: str, metric: str, threshold: float) -> SolaRuntime:
+def runtime(router: str, metric: str, threshold: float,
+            chat_threshold: float | None = None) -> SolaRuntime:
     config = ServingConfig.from_shape(SHAPE, "llama", "m" * 64, metric=metric,
-                                      threshold=threshold, max_edits=64, max_keys=256,
-                                      max_rank=4, router=router, apply="torch")
+                                      threshold=threshold, chat_threshold=chat_threshold,
+                                      max_edits=64, max_keys=256, max_rank=4, router=router,
+                                      apply="torch")
     groups = [[LoraTarget(lora_name(1, "mlp.down_proj"), 0, HIDDEN, INTER)]]
     return SolaRuntime(config, HIDDEN, groups, max_num_tokens=128, device=DEVICE)
 
 
 def edit(i: int, num_keys: int):
-    return make_synthetic_edit(f"e{i}", layers=LAYERS, modules=MODULES, hidden=HIDDEN,
+    """Keys after the first are chat-form keys (`Edit.key_forms`) for every other edit."""
+    made = make_synthetic_edit(f"e{i}", layers=LAYERS, modules=MODULES, hidden=HIDDEN,
                                intermediate=INTER, seed=i, num_keys=num_keys, rank=4)
+    forms = ["raw"] + ["chat"] * (num_keys - 1) if i % 2 else None
+    return dataclasses.replace(made, key_forms=forms)
 
 
 def prefill(num_requests: int, prompt_len: int = 2) -> StepMeta:
@@ -46,14 +53,18 @@ def prefill(num_requests: int, prompt_len: int = 2) -> StepMeta:
 
 
 @needs_triton
-@pytest.mark.parametrize("metric, threshold", [("l2", 0.5), ("cosine", 0.01)])
-def test_the_triton_router_routes_every_request_as_the_torch_router(metric, threshold):
-    """40 edits (1 to 3 keys, some canaries, some revoked), 48 requests: queries equal to a key,
-    near one (under and over the threshold), and far from all; routes, per-token slots, hits
-    and recorded distances agree."""
+@pytest.mark.parametrize("metric, threshold, chat_threshold, between",
+                         [("l2", 0.5, 0.2, 0.04), ("cosine", 0.01, 0.001, 0.06)])
+def test_the_triton_router_routes_every_request_as_the_torch_router(metric, threshold,
+                                                                    chat_threshold, between):
+    """40 edits (1 to 3 keys, chat-form keys among them, some canaries, some revoked), 48
+    requests: queries equal to a key, near one (under both thresholds, between the chat-form
+    and the raw one, over both), and far from all; routes, per-token slots, hits and recorded
+    distances agree."""
     gen = torch.Generator().manual_seed(1)
     edits = [edit(i, 1 + i % 3) for i in range(40)]
-    runtimes = [runtime("triton", metric, threshold), runtime("torch", metric, threshold)]
+    runtimes = [runtime("triton", metric, threshold, chat_threshold),
+                runtime("torch", metric, threshold, chat_threshold)]
     assert [r.router for r in runtimes] == ["triton", "torch"]
     for r in runtimes:
         for i, e in enumerate(edits):
@@ -66,15 +77,15 @@ def test_the_triton_router_routes_every_request_as_the_torch_router(metric, thre
     hidden = torch.randn(meta.num_tokens, HIDDEN, generator=gen) * 3
     for i in range(48):
         key = edits[i % 40].keys[i % edits[i % 40].keys.shape[0]]
-        kind = i % 4  # 0: the key itself, 1: near it, 2: further, 3: far from every key
-        noise = torch.randn(HIDDEN, generator=gen)
-        if kind < 3:
-            hidden[2 * i + 1] = key + noise * (0, 0.002, 0.2)[kind] * key.norm() / 8
+        kind = i % 5  # 0: the key itself, 1: near it, 2: between the thresholds, 3: further,
+        noise = torch.randn(HIDDEN, generator=gen)  # 4: far from every key
+        if kind < 4:
+            hidden[2 * i + 1] = key + noise * (0, 0.002, between, 0.2)[kind] * key.norm() / 8
     for r in runtimes:
         r.step = meta
         r.route(hidden.to(DEVICE))
     triton, torch_ = runtimes
-    table, _, prepared = triton.routed_keys(False)
+    table, _, prepared, _ = triton.routed_keys(False)
     assert torch.equal(prepared, table.square().sum(1))  # key norms, no unit-key copy
     assert (torch_.routed_keys(False)[2] is None) == (metric == "l2")
     assert triton.routes == torch_.routes
@@ -82,6 +93,10 @@ def test_the_triton_router_routes_every_request_as_the_torch_router(metric, thre
     assert np.array_equal(triton.hits, torch_.hits)
     routed = sum(slot >= 0 for slot in torch_.routes.values())
     assert 10 < routed < 48  # hits and misses both exercised
+    # the per-key thresholds decided: some distance between the two routed, some did not
+    records = [torch_.request_log.records[f"r{i}"] for i in range(48)]
+    between = [r for r in records if chat_threshold <= r.distance < threshold]
+    assert any(r.edit_id is None for r in between) and any(r.edit_id for r in between)
     for req in torch_.routes:
         got, want = triton.request_log.records[req], torch_.request_log.records[req]
         assert got.edit_id == want.edit_id

@@ -287,9 +287,8 @@ class Probe:
                 self._queries[p] = q
         queries = torch.stack([self._queries[p] for p in unique])
         nearest = self.engine.nearest(queries=queries)
-        threshold = self.engine.router.threshold
-        return {p: (r.edit_id if r.distance < threshold else None, r.distance)
-                for p, r in zip(unique, nearest, strict=True)}
+        thresholds = self.engine.router.thresholds
+        return {p: (r.under(thresholds), r.distance) for p, r in zip(unique, nearest, strict=True)}
 
     def answers(self, variant: str, pairs: list[tuple[str, str]], routes) -> list[dict]:
         """(prompt, target) -> {"tf": token accuracy, "em": greedy exact match}."""

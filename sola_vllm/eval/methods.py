@@ -54,11 +54,13 @@ def build_methods(names: list[str], config: SolaConfig) -> list[Method]:
     keys = (f"{edit.key_pool}-pooled keys" if edit.key_pool != "last" else "last-token keys") + (
         f" at layer {edit.route_layer}" if edit.route_layer is not None else "") + (
         f" under key map {router.key_map}" if router.key_map else "")
+    chat = (f" ({router.chat_threshold:g} for chat-form keys)"
+            if router.chat_threshold is not None and config.train.chat_form else "")
     table = {
         "base": Method("base", "base", "the base model, no edit", config),
         "sola": Method("sola", "routed",
                        f"sola-vllm: one LoRA per edit, {router.metric} distance < "
-                       f"{router.threshold:g} on {keys}", config),
+                       f"{router.threshold:g}{chat} on {keys}", config),
         "sola-paper": Method("sola-paper", "routed",
                              "SoLA as published: rank 4, SGD lr 0.05 cosine, 40 epochs, "
                              "L2 distance < 0.01", paper_config(config)),
@@ -75,6 +77,7 @@ def router_summary(method: Method) -> dict:
     router, edit = method.config.router, method.config.edit
     return {"metric": router.metric if routed else None,
             "threshold": router.threshold if routed else None,
+            "chat_threshold": router.thresholds["chat"] if routed else None,
             "keys": (f"{edit.key_pool}-token" if edit.key_pool == "last"
                      else f"{edit.key_pool}-pooled") if routed else None,
             "route_layer": edit.route_layer if routed else None,

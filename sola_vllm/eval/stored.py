@@ -61,8 +61,8 @@ def open_stored(args, **options):
 
 def with_chat_keys(engine, edits: list) -> list:
     """Each edit with one more key, its first prompt's chat form (`chat_form.chat_prompt`)
-    read by `engine`, and that form among its prompts; its LoRA is left as trained (for
-    benchmarks that measure routing only)."""
+    read by `engine`, and that form among its prompts (a "chat" key, `Edit.key_forms`); its
+    LoRA is left as trained (for benchmarks that measure routing only)."""
     import dataclasses
 
     import torch
@@ -71,14 +71,18 @@ def with_chat_keys(engine, edits: list) -> list:
 
     forms = [chat_prompt(engine.tokenizer, e.prompts[0]) for e in edits]
     keys = engine.key_queries(forms, 64)
-    return [dataclasses.replace(e, prompts=[*e.prompts, form], keys=torch.cat([e.keys, key[None]]))
+    return [dataclasses.replace(e, prompts=[*e.prompts, form], keys=torch.cat([e.keys, key[None]]),
+                                key_forms=[*e.forms(), "chat"])
             for e, form, key in zip(edits, forms, keys, strict=True)]
 
 
-def routes_at(nearest, threshold: float) -> list[str | None]:
-    """The edit each nearest-key result routes to at `threshold` (None: no edit)."""
-    return [r.edit_id if r.edit_id is not None and r.distance < threshold else None
-            for r in nearest]
+def routes_at(nearest, threshold: float | dict[str, float]) -> list[str | None]:
+    """The edit each nearest-key result routes to at `threshold` (None: no edit): one for
+    every key, or one per key form (`RouterConfig.thresholds`)."""
+    from ..config import KEY_FORMS
+
+    thresholds = threshold if isinstance(threshold, dict) else dict.fromkeys(KEY_FORMS, threshold)
+    return [r.under(thresholds) for r in nearest]
 
 
 def share(flags) -> float:

@@ -33,6 +33,7 @@ class ServingConfig:
     model_fingerprint: str
     metric: str = "cosine"
     threshold: float = 0.006  # = RouterConfig's default
+    chat_threshold: float | None = None  # chat-form keys' (RouterConfig's); None: threshold
     max_edits: int = 1024  # LoRA slots, preallocated at start (revoked edits keep theirs)
     max_keys: int = 4096  # routing keys, preallocated at start
     max_rank: int = 8
@@ -58,8 +59,11 @@ class ServingConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not self.threshold > 0:
-            raise ValueError(f"threshold must be positive, got {self.threshold!r}")
+        for name, value in (("threshold", self.threshold),
+                            ("chat_threshold", self.chat_threshold or self.threshold)):
+            if not (isinstance(value, int | float) and not isinstance(value, bool)
+                    and 0 < value < float("inf")):
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
         if not 0.0 <= self.canary_fraction <= 1.0:
             raise ValueError(f"canary_fraction must be in [0, 1], got {self.canary_fraction!r}")
         if self.apply not in APPLY_BACKENDS:
@@ -103,6 +107,12 @@ class ServingConfig:
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
                 for f in dataclasses.fields(self)}
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """The threshold of each key form (as `RouterConfig.thresholds`)."""
+        chat = self.threshold if self.chat_threshold is None else self.chat_threshold
+        return {"raw": float(self.threshold), "chat": float(chat)}
 
     @property
     def architecture(self) -> str:

@@ -51,7 +51,8 @@ def serving_config(model_path: Path, config: SolaConfig, **capacity) -> ServingC
         key_map = str(resolve_path(config.router.key_map).resolve())
     return ServingConfig.from_shape(shape, hf.model_type, fingerprint,
                                     metric=config.router.metric,
-                                    threshold=config.router.threshold, key_map=key_map,
+                                    threshold=config.router.threshold,
+                                    chat_threshold=config.router.chat_threshold, key_map=key_map,
                                     revoked_keys=config.router.revoked_keys,
                                     **capacity)
 

@@ -391,6 +391,9 @@ class EditManager:
         """The pre-flight report of an edit with these prompts, which is not added: its keys
         (its prompts' chat forms' too when the config trains them) and the probes' are
         captured in the engine, as an add would."""
+        from ..chat_form import prompt_forms
+
+        given = prompts
         if self.settings.config.train.chat_form:
             prompts = await asyncio.to_thread(self._trained_prompts, prompts)
         ids = await self._capture(prompts)
@@ -398,7 +401,7 @@ class EditManager:
         try:
             probe_ids = await self._capture(probes) if probes else []
             return await self.rpc("sola_check_captured", name, prompts, ids, probes or [],
-                                  probe_ids)
+                                  probe_ids, prompt_forms(given, prompts))
         finally:
             await self._drop(ids + probe_ids)
 
@@ -518,7 +521,7 @@ class EditManager:
     async def train(self, prompts: list[str], target: str, edit_id: str | None,
                     author: str, note: str) -> Edit:
         """Train an edit on the server, as the server's config says (its chat forms too
-        under train.chat_form: the routing threshold is calibrated for one or the other)."""
+        under train.chat_form, keyed as chat-form keys: `RouterConfig.chat_threshold`)."""
         if edit_id is not None and await self.exists(edit_id):
             raise RequestError(409, "conflict", f"edit {edit_id} already exists")
         async with self._train_lock:  # one training at a time: the reference engine is shared

@@ -37,6 +37,7 @@ import zlib
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -44,6 +45,7 @@ import torch
 from ..edit import STATES, Edit, mismatch
 from ..key_map import KeyMap
 from ..preflight import KeyGroup, check
+from ..routing import key_thresholds
 from .apply_backend import Kernels, make_lora_backend
 from .config import ServingConfig
 from .pooling import MeanPooler
@@ -78,6 +80,15 @@ class StepMeta:
     num_kv_blocks: int = 0
 
 
+class RoutedKeys(NamedTuple):
+    """The keys a request routes among (`SolaRuntime.routed_keys`), on the model's device."""
+
+    keys: torch.Tensor  # [N, k] fp32, mapped
+    owners: torch.Tensor  # [N] int32 edit slots (-1: a blocking key)
+    prepared: torch.Tensor | None  # what the router precomputes of them (`prepare_keys`)
+    thresholds: torch.Tensor  # [N] fp32: each key's threshold (its form's)
+
+
 @dataclass
 class _Search:
     """One launched nearest-key search: the step's key tokens it routes (token indices, with
@@ -108,6 +119,7 @@ class _SlotInfo:
     state: str  # the lifecycle state it routes by: active, canary, or staged / revoked (none)
     # (revoked keys may block: `SolaRuntime.routed_keys`)
     summary: dict
+    forms: list[str]  # each key row's form (`Edit.forms`)
 
     @property
     def routed(self) -> bool:
@@ -141,6 +153,7 @@ class SolaRuntime:
         on = dict(device=device)
         self.keys = torch.zeros(config.max_keys, hidden_size, dtype=torch.float32, **on)
         self.key_owner = torch.full((config.max_keys,), -1, dtype=torch.int32, **on)
+        self.key_threshold = torch.zeros(config.max_keys, dtype=torch.float32, **on)
         # per slot: a canary edit, routed only for requests that opt in
         self.slot_canary = torch.zeros(config.max_edits, dtype=torch.bool, **on)
         self.tok_slot = torch.full((max_num_tokens,), -1, dtype=torch.int32, **on)
@@ -184,6 +197,9 @@ class SolaRuntime:
                              f"[n, {self.hidden_size}]")
         if not bool(torch.isfinite(keys).all()):
             raise ValueError(f"edit {edit.id}: keys hold NaN or Inf")
+        if len(edit.forms()) != keys.shape[0]:
+            raise ValueError(f"edit {edit.id}: {keys.shape[0]} keys for {len(edit.forms())} "
+                             "key forms")
         if keys.shape[0] > len(self.free_key_rows):
             raise CapacityError(f"edit {edit.id} needs {keys.shape[0]} key rows; "
                                 f"{len(self.free_key_rows)} of {cfg.max_keys} are free")
@@ -201,12 +217,14 @@ class SolaRuntime:
         rows = [self.free_key_rows.popleft() for _ in range(keys.shape[0])]
         self.lora.write(slot, edit.lora, edit.rank, float(edit.scale))
         self.keys[rows] = keys.to(self.keys.device)  # RPCs and the store hand CPU keys
+        self.key_threshold[rows] = key_thresholds(edit.forms(), self.config.thresholds,
+                                                  self.keys.device)
         self.slot_edit[slot] = edit.id
         self.hits[slot] = 0
         self.request_log.loaded(edit.id)
         summary = {k: v for k, v in edit.summary().items() if k != "train_info"}
         self.edits[edit.id] = _SlotInfo(slot, rows, edit.rank, float(edit.scale), "staged",
-                                        summary)
+                                        summary, edit.forms())
         if active:  # staged otherwise: it routes and blocks nothing, the routed table stands
             self.set_active(edit.id, True)
         return self.describe(edit.id)
@@ -289,16 +307,17 @@ class SolaRuntime:
             raise KeyError(f"no edit {edit_id!r} is loaded")
         return self.edits[edit_id]
 
-    def active_keys(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def active_keys(self) -> RoutedKeys:
         """The keys every request routes among (active edits); see `routed_keys`."""
         return self.routed_keys(opted_in=False)
 
-    def routed_keys(self, opted_in: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(keys [N, k], owner slots [N], what the router precomputes of them (`prepare_keys`))
-        a request routes among: active edits' keys, plus canary edits' when it opts in, then
-        revoked edits' keys owned by -1 when they block (`revoked_keys`), mapped by the key map
-        if there is one (k = its width, else d). Rebuilt only after a change: a step with key
-        tokens then only maps and normalizes its queries."""
+    def routed_keys(self, opted_in: bool) -> RoutedKeys:
+        """The keys a request routes among (`RoutedKeys`: keys [N, k], owner slots, what the
+        router precomputes of them, per-key thresholds): active edits' keys, plus canary
+        edits' when it opts in, then revoked edits' keys owned by -1 when they block
+        (`revoked_keys`), mapped by the key map if there is one (k = its width, else d).
+        Rebuilt only after a change: a step with key tokens then only maps and normalizes its
+        queries."""
         if opted_in not in self._key_tables:  # rows listed on the host: no wait for the GPU
             states = ("active", "canary") if opted_in else ("active",)
             routed = sorted(row for info in self.edits.values() if info.state in states
@@ -307,7 +326,8 @@ class SolaRuntime:
                                 self.keys.device)
             keys = self.mapped(self.keys[rows]).contiguous()
             prepared = prepare_keys(self.router, keys, self.config.metric)
-            self._key_tables[opted_in] = (keys, self.key_owner[rows].contiguous(), prepared)
+            self._key_tables[opted_in] = RoutedKeys(keys, self.key_owner[rows].contiguous(),
+                                                    prepared, self.key_threshold[rows].contiguous())
         return self._key_tables[opted_in]
 
     def _blocking_rows(self) -> list[int]:
@@ -326,20 +346,18 @@ class SolaRuntime:
     # --- pre-flight check -------------------------------------------------------------------
     def key_groups(self) -> list[KeyGroup]:
         """The routed edits' keys (active and canary), as this engine captured them."""
-        return [KeyGroup(edit_id, info.state, self.keys[info.key_rows].clone(),
-                         list(info.summary.get("prompts", [])))
-                for edit_id, info in self.edits.items() if info.routed]
+        return [self.loaded_group(edit_id) for edit_id, info in self.edits.items() if info.routed]
 
     def preflight(self, new: KeyGroup, probes: list[str],
                   probe_keys: torch.Tensor | None) -> dict:
         """The pre-flight report of `new` against the routed edits (see `preflight`)."""
-        return check(new, self.key_groups(), self.config.threshold, self.config.metric,
+        return check(new, self.key_groups(), self.config.thresholds, self.config.metric,
                      probes or None, probe_keys, key_map=self.key_map)
 
     def loaded_group(self, edit_id: str) -> KeyGroup:
         info = self._info(edit_id)
         return KeyGroup(edit_id, info.state, self.keys[info.key_rows].clone(),
-                        list(info.summary.get("prompts", [])))
+                        list(info.summary.get("prompts", [])), list(info.forms))
 
     def expect_captures(self, capture_ids: list[str]) -> None:
         """Only announced capture ids record keys: a request carrying any other
@@ -465,9 +483,9 @@ class SolaRuntime:
                 opted_in: bool) -> _Search:
         """Launches the nearest-key search of the key tokens `todo` (queries: raw fp32
         [n_key, d]); nothing is read back here."""
-        keys, owners, prepared = self.routed_keys(opted_in)
-        slots, dists, _ = self._nearest(self.mapped(queries), keys, owners,
-                                        self.config.threshold, self.config.metric, prepared)
+        table = self.routed_keys(opted_in)
+        slots, dists, _ = self._nearest(self.mapped(queries), table.keys, table.owners,
+                                        table.thresholds, self.config.metric, table.prepared)
         req_ids = [self.step.req_ids[int(rows[t])] for t in todo]
         return _Search(np.asarray(todo, dtype=np.int64), req_ids, slots, dists)
 

@@ -204,8 +204,10 @@ def describe_routing(config: dict) -> str:
     layer = "the first edited layer" if edit["route_layer"] is None else \
         f"layer {edit['route_layer']}"
     mapped = f" under key map {router['key_map']}" if router["key_map"] else ""
+    chat = router.get("chat_threshold")
+    chat = f" ({chat:.4g} for chat-form keys)" if chat is not None else ""
     return (f"{pool} keys entering {layer}{mapped}, {router['metric']} distance < "
-            f"{router['threshold']:.4g}")
+            f"{router['threshold']:.4g}{chat}")
 
 
 def serve(args, extra: list[str]) -> dict:

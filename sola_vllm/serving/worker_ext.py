@@ -100,15 +100,17 @@ class SolaWorkerExtension:
 
     @_result
     def sola_check_captured(self, name: str, prompts: list, capture_ids: list, probes: list,
-                            probe_capture_ids: list) -> dict:
-        """The pre-flight report of an edit that is not loaded: its prompts' keys captured."""
+                            probe_capture_ids: list, forms: list | None = None) -> dict:
+        """The pre-flight report of an edit that is not loaded: its prompts' keys captured,
+        of the given key forms (None: every one "raw")."""
         from ..preflight import KeyGroup
 
         runtime = self._sola()
         keys = runtime.take_captures(list(capture_ids))
         probe_keys = runtime.take_captures(list(probe_capture_ids)) if probe_capture_ids else None
-        return runtime.preflight(KeyGroup(str(name), "new", keys, list(prompts)), list(probes),
-                                 probe_keys)
+        group = KeyGroup(str(name), "new", keys, list(prompts),
+                         None if forms is None else [str(f) for f in forms])
+        return runtime.preflight(group, list(probes), probe_keys)
 
     @_result
     def sola_remove_edit(self, edit_id: str) -> None:
