@@ -160,10 +160,12 @@ def test_analyse_reports_both_thresholds():
 # --- calibrate with a stand-in engine -----------------------------------------------------------
 class FakeRouter:
     metric, threshold, key_map = "cosine", 0.05, None
+    thresholds = {"raw": 0.05, "chat": 0.01}
 
 
 class FakeEngine:
-    """`nearest` reads '<edit>@<distance>' from the prompt; records the batch sizes."""
+    """`nearest` reads '<edit>@<distance>[@<key form>]' from the prompt; records the batch
+    sizes."""
 
     def __init__(self, active=("a", "b")):
         self.active, self.router, self.batches = set(active), FakeRouter(), []
@@ -171,7 +173,8 @@ class FakeEngine:
 
     def nearest(self, prompts):
         self.batches.append(len(prompts))
-        return [Route(p.split("@")[0], float(p.split("@")[1])) for p in prompts]
+        return [Route(*(f(x) for f, x in zip((str, float, str), p.split("@"))))
+                for p in prompts]
 
 
 def write_probes(path, probes):
@@ -196,6 +199,30 @@ def test_calibrate_batches_and_keeps_probe_order(tmp_path):
          for r in report["probes"] if r["expected"]],
         [r["distance"] for r in report["probes"] if r["expected"] is None], 0.05)
     assert "suggested" in format_text(report)
+
+
+def test_a_store_with_chat_keys_is_calibrated_per_key_form(tmp_path):
+    """Probes nearest chat-form keys are measured against chat_threshold and get their own
+    suggestion; a raw-only store's report has no per-form part."""
+    probes = [{"prompt": f"a@{i / 1000}", "edit": "a"} for i in range(10)]  # raw, < 0.05
+    probes += [{"prompt": f"a@{0.005 + i / 1000}@chat", "edit": "a"} for i in range(10)]
+    probes += [f"b@{0.1 + i / 100}" for i in range(10)] + [f"b@{0.02 + i / 100}@chat"
+                                                          for i in range(10)]
+    report = calibrate(FakeEngine(), load_probes(write_probes(tmp_path / "p.jsonl", probes),
+                                                 {"a", "b"}), keep=1.0)
+    raw, chat = report["by_key_form"]["raw"], report["by_key_form"]["chat"]
+    assert raw["current"]["threshold"] == 0.05 and chat["current"]["threshold"] == 0.01
+    assert raw["current"]["counts"]["hits"] == 10  # all under 0.05
+    assert chat["current"]["counts"]["hits"] == 5  # 0.005 ... 0.009 under 0.01
+    assert raw["suggested"]["threshold"] == 0.1 and chat["suggested"]["threshold"] == 0.02
+    assert [r["key_form"] for r in report["probes"]][9:11] == ["raw", "chat"]
+    text = format_text(report)
+    assert '"threshold": 0.1' in text and '"chat_threshold": 0.02' in text
+    assert any("chat-form keys" in n for n in report["notes"])
+    raw_only = calibrate(FakeEngine(), load_probes(write_probes(tmp_path / "r.jsonl",
+                                                                probes[:10] + probes[20:30]),
+                                                   {"a"}))
+    assert raw_only["by_key_form"] is None
 
 
 def test_calibrate_refuses_edits_the_engine_does_not_route(tmp_path):

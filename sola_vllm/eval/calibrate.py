@@ -10,6 +10,9 @@ is the largest one under which at most a share 1 - keep of the negatives would r
 
 Hit, wrong-edit, miss and false-fire rates are reported at that threshold and at the
 configured one, with distance quantiles and the margin between positives and negatives.
+A store with chat-form keys (`Edit.key_forms`) routes each key under its form's threshold, so
+probes are also analysed per form of their nearest key (`by_key_form`), each against its own
+configured threshold, and a threshold is suggested for each form.
 
     sola-vllm calibrate --store edits --probes probes.jsonl [--keep 0.99] [--out DIR] [--json]
 """
@@ -49,6 +52,7 @@ class Outcome:
     expected: str | None
     nearest: str | None
     distance: float
+    key_form: str = "raw"  # the nearest key's form (`config.KEY_FORMS`)
 
 
 # --- probe files --------------------------------------------------------------------------------
@@ -228,7 +232,7 @@ def nearest_outcomes(engine, probes: Sequence[Probe],
     for start in range(0, len(probes), batch_size):
         chunk = probes[start:start + batch_size]
         routes = engine.nearest([p.prompt for p in chunk])
-        outcomes += [Outcome(p.prompt, p.edit, r.edit_id, r.distance)
+        outcomes += [Outcome(p.prompt, p.edit, r.edit_id, r.distance, r.key_form)
                      for p, r in zip(chunk, routes, strict=True)]
     return outcomes
 
@@ -239,12 +243,24 @@ def calibrate(engine, probes: Sequence[Probe], keep: float = 0.99) -> dict:
     report = {"metric": engine.router.metric, "key_map": engine.router.key_map,
               "keys": engine.shape.describe_keys(), "active_edits": len(engine.active),
               **analyse(outcomes, engine.router.threshold, keep)}
+    report["by_key_form"] = by_key_form(outcomes, engine.router.thresholds, keep)
     report["notes"] = _notes(report)
     report["files"] = None  # {"json": path, "png": path or None} once written (`write_outputs`)
     report["probes"] = [{"prompt": o.prompt, "expected": o.expected, "nearest": o.nearest,
-                         "distance": o.distance, "where": p.where}
+                         "distance": o.distance, "key_form": o.key_form, "where": p.where}
                         for o, p in zip(outcomes, probes, strict=True)]
     return report
+
+
+def by_key_form(outcomes: Sequence[Outcome], thresholds: dict[str, float],
+                keep: float) -> dict | None:
+    """The analysis of the probes nearest each key form's keys, against that form's configured
+    threshold; None when every nearest key is raw (the whole report is then the raw one)."""
+    forms = sorted({o.key_form for o in outcomes})
+    if forms == ["raw"]:
+        return None
+    return {form: analyse([o for o in outcomes if o.key_form == form], thresholds[form], keep)
+            for form in forms}
 
 
 def _notes(report: dict) -> list[str]:
@@ -255,6 +271,10 @@ def _notes(report: dict) -> list[str]:
     if report["keep"] < 1 and allowed_false_fires(report["num_negatives"], report["keep"]) == 0:
         notes.append(f"with {report['num_negatives']} negatives, keep={report['keep']} "
                      "allows no false fire: the threshold is the smallest negative distance")
+    if report.get("by_key_form"):
+        notes.append("the store holds chat-form keys, each routed under router.chat_threshold: "
+                     "the rows per key form (by_key_form) measure each threshold on the probes "
+                     "nearest that form's keys; the overall rows mix them")
     return notes
 
 
@@ -332,7 +352,16 @@ def format_text(report: dict) -> str:
         lines.append(f"  {key:<10} {_num(s['threshold']):>9} {_pct(s['hit_rate'])} "
                      f"{_pct(s['wrong_edit_rate'])} {_pct(s['miss_rate'])} "
                      f"{_pct(s['false_fire_rate']):>11}")
-    snippet = json.dumps({"router": {"threshold": report["suggested"]["threshold"]}})
+    router = {"threshold": report["suggested"]["threshold"]}
+    for form, part in (report.get("by_key_form") or {}).items():
+        for key in ("current", "suggested"):
+            s = part[key]
+            lines.append(f"  {form} keys, {key:<9} {_num(s['threshold']):>9} "
+                         f"{_pct(s['hit_rate'])} {_pct(s['wrong_edit_rate'])} "
+                         f"{_pct(s['miss_rate'])} {_pct(s['false_fire_rate']):>11}")
+        name = "threshold" if form == "raw" else f"{form}_threshold"
+        router[name] = part["suggested"]["threshold"]
+    snippet = json.dumps({"router": router})
     lines.append(f"suggested: keeps >= {report['keep']:.2%} of negatives unrouted; "
                  f"to use it: --config with {snippet}")
     lines += [f"note: {n}" for n in report["notes"]]
