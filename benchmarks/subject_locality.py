@@ -10,13 +10,19 @@ reported split:
   edit;
 - neighbours (the same relation asked of other subjects; CounterFact's locality prompts) and
   paraphrases (to their own edit or one with the same answer), for context.
-Then, at the configuration's own threshold, the other-relation prompts that route are
+Then, at the configuration's own thresholds, the other-relation prompts that route are
 generated (12 greedy tokens, as the eval's locality) with their edit and with none: the share
 of all other-relation prompts whose output changes (an unrouted prompt runs the base model
 exactly, so it cannot change), i.e. 1 - the subject's locality.
 
+With --chat every edit is keyed on its prompt's chat form too (`with_chat_keys`, a "chat" key),
+and every prompt is routed twice, as sent (rows "raw") and in its chat form (rows "chat"):
+one store serving both kinds of client. The configuration's thresholds are per key form
+(`RouterConfig.thresholds`: a query routes below its nearest key's form's); `--thresholds`
+sweeps one threshold for every key instead.
+
     .venv/bin/python benchmarks/subject_locality.py --data ../shared/data/rome_known_1000.json \
-        --eval-dir sola-eval [--config last-token] [--thresholds 0.170 0.142]
+        --eval-dir sola-eval [--config last-token] [--thresholds 0.170 0.142] [--chat]
 """
 
 from __future__ import annotations
@@ -78,10 +84,12 @@ def chat_form_of(engine, item):
 def main() -> None:
     ap = store_parser(__doc__.split("\n")[0])
     ap.add_argument("--thresholds", type=float, nargs="+", default=None,
-                    help="default: the configuration's own")
+                    help="one threshold for every key, swept (default: the configuration's "
+                         "own, per key form)")
     ap.add_argument("--chat", action="store_true",
-                    help="route every prompt in its chat form, each edit keyed on its prompt's "
-                         "chat form too (`with_chat_keys`; the LoRA is not retrained for it)")
+                    help="key each edit on its prompt's chat form too (`with_chat_keys`; the "
+                         "LoRA is not retrained for it) and route every prompt raw and in its "
+                         "chat form")
     args = ap.parse_args()
     config, cfg, data, stream, edits = open_stored(args)
     cases = [c for c in stream if c.split == cfg.split]
@@ -93,27 +101,43 @@ def main() -> None:
     engine = RoutedEngine.from_pretrained(None, config)
     if args.chat:
         edits = with_chat_keys(engine, edits)
-        groups = {k: [chat_form_of(engine, p) for p in v] for k, v in groups.items()}
     engine.add_all(edits)
-    nearest = {k: engine.nearest(queries=engine.key_queries(
-        [p if isinstance(p, str) else p[1] for p in v], 64)) for k, v in groups.items()}
+    own = config.router.thresholds
+    thresholds = args.thresholds or [own]
     by_id = {c.id: c for c in stream}
-    rows = {}
-    for threshold in args.thresholds or [config.router.threshold]:
-        routes = {k: routes_at(v, threshold) for k, v in nearest.items()}
-        rows[f"{threshold:g}"] = {"threshold": threshold, **measure(groups, routes, by_id)}
-        print(f"{engine.shape.describe_keys()}, threshold {threshold:.4g}: " + ", ".join(
-            f"{k} {v:.3f}" for k, v in rows[f"{threshold:g}"].items()
-            if k not in ("n", "threshold")), flush=True)
-    changed = changed_outputs(engine, groups["other"],
-                              routes_at(nearest["other"], config.router.threshold))
-    print(f"other-relation outputs changed at threshold {config.router.threshold:.4g}: "
-          f"{changed['changed']:.3f} ({changed['routed']} routed of {changed['n']})", flush=True)
+    rows, changed = {}, {}
+    for form in ("raw", "chat") if args.chat else ("raw",):
+        sent = groups if form == "raw" else {
+            k: [chat_form_of(engine, p) for p in v] for k, v in groups.items()}
+        nearest = {k: engine.nearest(queries=engine.key_queries(
+            [p if isinstance(p, str) else p[1] for p in v], 64)) for k, v in sent.items()}
+        for threshold in thresholds:
+            label = threshold_label(threshold)
+            routes = {k: routes_at(v, threshold) for k, v in nearest.items()}
+            row = {"threshold": threshold, **measure(groups, routes, by_id)}
+            rows[label if not args.chat else f"{form}/{label}"] = row
+            print(f"{engine.shape.describe_keys()}, {form} prompts, threshold {label}: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in row.items()
+                              if k not in ("n", "threshold")), flush=True)
+        changed[form] = changed_outputs(engine, sent["other"], routes_at(nearest["other"], own))
+        engine.set_states(dict.fromkeys(engine.edits, "active"))  # changed_outputs revoked them
+        print(f"other-relation outputs changed ({form} prompts, thresholds "
+              f"{threshold_label(own)}): {changed[form]['changed']:.3f} "
+              f"({changed[form]['routed']} routed of {changed[form]['n']})", flush=True)
     name = Path(str(args.config)).stem + ("_chat" if args.chat else "")
     write_report(args, "subject_locality",
                  ROOT / "benchmarks" / "results" / f"subject_locality_{data.name}_{name}.json",
                  {"keys": engine.shape.describe_keys(), "split": cfg.split, "chat": args.chat,
-                  "edits": len(stream), "rows": rows, "other_relation_outputs": changed})
+                  "thresholds": own, "edits": len(stream), "rows": rows,
+                  "other_relation_outputs": changed if args.chat else changed["raw"]})
+
+
+def threshold_label(threshold: float | dict) -> str:
+    """"0.037", or per key form: "raw 0.037, chat 0.0069"."""
+    if not isinstance(threshold, dict):
+        return f"{threshold:g}"
+    return ", ".join(f"{form} {value:g}" for form, value in threshold.items())
+
 
 if __name__ == "__main__":
     main()

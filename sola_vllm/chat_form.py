@@ -25,11 +25,17 @@ def chat_prompt(tokenizer, prompt: str) -> str:
     prompt (the assistant header) appended."""
     if not isinstance(prompt, str) or prompt.strip() == "":
         raise ChatFormError("a chat prompt needs a non-empty prompt string")
+    return chat_text(tokenizer, [{"role": "user", "content": prompt}])
+
+
+def chat_text(tokenizer, messages: list[dict]) -> str:
+    """A conversation (`messages`, OpenAI style) as the completion text vLLM's chat endpoint
+    runs: the chat template with the generation prompt appended, its leading BOS left out
+    when the tokenizer adds its own."""
     if not getattr(tokenizer, "chat_template", None):
         raise ChatFormError("the model's tokenizer has no chat template: chat forms cannot be "
                             "trained for it (train on the raw prompt only)")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     bos = tokenizer.bos_token
     if bos and text.startswith(bos) and _adds_bos(tokenizer):
         text = text[len(bos):]
