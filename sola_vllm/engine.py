@@ -66,7 +66,7 @@ class RoutedEngine:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.shape = shape
-        self.router = router
+        self._router = router
         self.config = config or SolaConfig(router=router)
         self.model_fingerprint = model_fingerprint
         self.spec = ARCHS[shape.arch]
@@ -207,6 +207,17 @@ class RoutedEngine:
         self.active = edit_ids
         self.canary -= edit_ids
         self.revoked -= edit_ids
+        self._rebuild_table()
+
+    @property
+    def router(self) -> RouterConfig:
+        return self._router
+
+    @router.setter
+    def router(self, router: RouterConfig) -> None:
+        """Another router (metric, thresholds) for the loaded edits: the tables carry each
+        key's threshold, so they are rebuilt. The key map stays the one loaded at start."""
+        self._router = router
         self._rebuild_table()
 
     def _get(self, edit_id: str) -> Edit:
