@@ -298,17 +298,13 @@ def _offline_check(args, store: EditStore, edit, state: str,
             new = KeyGroup(args.id or "new edit", state, engine.key_queries(trained), trained,
                            prompt_forms(prompts, trained))
         else:
-            new = _key_group(edit, state)
+            new = KeyGroup.of_edit(edit, state)
         return preflight.check_with_engine(engine, new, probes)
     router = command_config(args, store, edit).router
-    routed = [_key_group(e, e.state) for e in (store.load().edits if store.exists() else [])
+    routed = [KeyGroup.of_edit(e, e.state) for e in (store.load().edits if store.exists() else [])
               if e.state in ("active", "canary")]
-    return preflight.check(_key_group(edit, state), routed, router.thresholds, router.metric,
-                           key_map=router.load_key_map())
-
-
-def _key_group(edit, state: str) -> KeyGroup:
-    return KeyGroup(edit.id, state, edit.keys.float(), edit.prompts, edit.forms())
+    return preflight.check(KeyGroup.of_edit(edit, state), routed, router.thresholds,
+                           router.metric, key_map=router.load_key_map())
 
 
 def _thresholds_text(thresholds: dict[str, float]) -> str:

@@ -192,8 +192,7 @@ class RouterConfig:
     @property
     def thresholds(self) -> dict[str, float]:
         """The threshold of each key form (`KEY_FORMS`)."""
-        chat = self.threshold if self.chat_threshold is None else self.chat_threshold
-        return {"raw": float(self.threshold), "chat": float(chat)}
+        return form_thresholds(self.threshold, self.chat_threshold)
 
     def _default_threshold(self) -> float:
         if self.key_map is None:
@@ -273,6 +272,12 @@ class SolaConfig:
             name: {f.name: _jsonable(getattr(part, f.name)) for f in dataclasses.fields(part)}
             for name, part in (("edit", self.edit), ("router", self.router), ("train", self.train))
         }
+
+
+def form_thresholds(threshold: float, chat_threshold: float | None) -> dict[str, float]:
+    """{key form: its threshold}: chat-form keys at `chat_threshold`, or at `threshold` too."""
+    chat = threshold if chat_threshold is None else chat_threshold
+    return {"raw": float(threshold), "chat": float(chat)}
 
 
 def _finite_number(x: Any) -> bool:

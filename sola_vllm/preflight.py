@@ -49,6 +49,11 @@ class KeyGroup:
             raise ValueError(f"edit {self.edit_id}: key forms {self.forms!r} must name one of "
                              f"{KEY_FORMS} for each of its {self.keys.shape[0]} keys")
 
+    @classmethod
+    def of_edit(cls, edit, state: str) -> KeyGroup:
+        """An `Edit`'s keys as they were stored, with its prompts and key forms."""
+        return cls(edit.id, state, edit.keys.float(), edit.prompts, edit.forms())
+
     def prompt(self, index: int) -> str:
         return self.prompts[index] if index < len(self.prompts) else f"key {index}"
 
@@ -161,8 +166,7 @@ def mapped_group(group: KeyGroup, key_map) -> KeyGroup:
 
 def routed_groups(engine) -> list[KeyGroup]:
     """The key groups of a `RoutedEngine`'s routed edits (active and canary), in load order."""
-    return [KeyGroup(e.id, "active" if e.id in engine.active else "canary", e.keys.float(),
-                     e.prompts, e.forms())
+    return [KeyGroup.of_edit(e, "active" if e.id in engine.active else "canary")
             for e in engine.edits.values() if e.id in engine.active or e.id in engine.canary]
 
 

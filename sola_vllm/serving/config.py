@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..arch import EditShape
-from ..config import KEY_POOLS, METRICS, REVOKED_KEYS
+from ..config import KEY_POOLS, METRICS, REVOKED_KEYS, form_thresholds
 
 SOLA_ARCHITECTURES = {
     "llama": "SolaLlamaForCausalLM",
@@ -111,8 +111,7 @@ class ServingConfig:
     @property
     def thresholds(self) -> dict[str, float]:
         """The threshold of each key form (as `RouterConfig.thresholds`)."""
-        chat = self.threshold if self.chat_threshold is None else self.chat_threshold
-        return {"raw": float(self.threshold), "chat": float(chat)}
+        return form_thresholds(self.threshold, self.chat_threshold)
 
     @property
     def architecture(self) -> str:
