@@ -121,8 +121,6 @@ def _examples(engine, prompts: list[str], target: str, append_eos: bool,
               chat_form: bool = False):
     """(prompts, [(prompt ids, target ids)]): with `chat_form`, each prompt's chat form is
     added after the given prompts (`chat_form.with_chat_forms`)."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
     if not prompts:
         raise ValueError("at least one prompt is needed")
     if chat_form:
